@@ -1,0 +1,87 @@
+"""`kore`: one subcommand per pipeline stage (DESIGN.md, "Interfaces people and scripts rely on")."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kore_ray.errors import KoreError
+
+STAGES = {
+    "augment": ("Turn knowledge items into training conversations (KORE-AUGMENTATION).", 5),
+    "covariance": ("Collect per-layer input covariance on retention data.", 4),
+    "init": ("Null-space adapter initialisation from a covariance store (KORE-CONSTRAINT).", 3),
+    "train": ("Fine-tune from the initialisation on Ray Train.", 6),
+    "export": ("Export a trained KORE model as a plain rank-r LoRA for the unmodified base.", 3),
+    "serve": ("Serve the base model and its adapters (Ray Serve + vLLM, OpenAI API).", 7),
+    "evaluate": ("Measure adaptation (CEM, F1) and retention through the served endpoint.", 8),
+    "inject": ("Run the whole pipeline from a config.", 8),
+}
+
+
+def _not_yet(name: str, issue: int):
+    def run(args) -> int:
+        print(f"kore {name}: not yet implemented (tracked in issue {issue}).", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def _demo(args) -> int:
+    from kore_ray.demo import run_demo
+
+    return run_demo(args.config, args.set)
+
+
+def _validate(args) -> int:
+    from kore_ray.data.validate import validate_file
+
+    return validate_file(args.file, kind=args.kind)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kore",
+        description="kore-ray: inject new knowledge into LLMs without forgetting (KORE), on Ray.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, help_, func):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", metavar="FILE.yaml", help="pipeline config (YAML)")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+            help="override a config value, e.g. --set train.learning_rate=1e-3 (repeatable)",
+        )
+        p.set_defaults(func=func)
+        return p
+
+    for name, (help_, issue) in STAGES.items():
+        add(name, help_, _not_yet(name, issue))
+    add("demo", "The whole pipeline on the embedded default (Gemma 3 270M, local Ray).", _demo)
+    v = sub.add_parser(
+        "validate", help="Check an input file against its schema; lists every bad row.",
+        description="Check a knowledge, question, retention or conversation file (JSONL/Parquet).",
+    )
+    v.add_argument("file")
+    v.add_argument(
+        "--kind", choices=["knowledge", "question", "retention", "conversation", "llava"],
+        help="the file's schema (default: recognised from its fields)",
+    )
+    v.set_defaults(func=_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KoreError as e:
+        print(f"kore {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

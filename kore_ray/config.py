@@ -1,0 +1,145 @@
+"""The pipeline config: typed (pydantic), loaded from YAML, overridable with dotted `--set` flags.
+
+Defaults run on a laptop: the embedded Gemma 3 270M, a local Ray, CPU only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from kore_ray.errors import InputError
+
+Method = Literal["kore", "kore-v1", "lora", "corda", "full"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a YAML key is an error, not a no-op
+
+
+class ModelConfig(_Section):
+    name_or_path: str = "gemma-3-270m"  # embedded name, HF directory or object-store URI
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DataConfig(_Section):
+    knowledge: str | None = None  # KnowledgeItem JSONL/Parquet
+    eval_questions: str | None = None  # EvalQuestion JSONL/Parquet
+    retention: str | None = None  # RetentionProbe / Conversation / text for the covariance
+    retention_eval: str | None = None  # RetentionProbe for measuring retention
+
+
+class AugmentConfig(_Section):
+    base_url: str | None = None  # OpenAI-compatible endpoint; None = template Q&A only
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never logged
+    templates_per_item: PositiveInt = 4
+    dialogues_per_item: int = Field(2, ge=0)
+    min_actors: PositiveInt = 1
+    max_actors: PositiveInt = 4
+    concurrency_per_actor: PositiveInt = 8
+    requests_per_second: float | None = Field(None, gt=0)
+    max_retries: int = Field(4, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _actors(self):
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        return self
+
+
+class CovarianceConfig(_Section):
+    batch_size: PositiveInt = 8
+    max_length: PositiveInt = 256
+    num_actors: PositiveInt = 1
+    normalize: bool = False  # KORE reference's per-sample max-abs scaling
+    add_to: str | None = None  # an existing store to add this data to
+
+
+class InitConfig(_Section):
+    method: Method = "kore"
+    rank: PositiveInt = 64
+    ranks: dict[str, PositiveInt] = {}  # per target-group overrides
+    target_modules: list[str] | None = None  # short names, e.g. [q_proj, v_proj]; None = all
+
+
+class TrainConfig(_Section):
+    learning_rate: float = Field(5e-4, gt=0)
+    epochs: PositiveInt = 1
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: PositiveInt = 8  # global batch
+    max_length: PositiveInt = 256
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    seed: int = 0
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: PositiveInt = 8000
+    max_lora_rank: PositiveInt = 256
+    max_loras: PositiveInt = 4
+    min_replicas: PositiveInt = 1
+    max_replicas: PositiveInt = 1
+    max_ongoing_requests: PositiveInt = 32
+    auth_token_env: str | None = None
+
+
+class EvaluateConfig(_Section):
+    methods: list[Method] = ["kore", "lora"]
+    max_new_tokens: PositiveInt = 16
+
+
+class PipelineConfig(_Section):
+    run_dir: str = "runs/demo"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    covariance: CovarianceConfig = CovarianceConfig()
+    init: InitConfig = InitConfig()
+    train: TrainConfig = TrainConfig()
+    serve: ServeConfig = ServeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+def _apply_override(tree: dict, dotted: str) -> None:
+    if "=" not in dotted:
+        raise InputError(f"override {dotted!r} must look like section.key=value")
+    key, raw = dotted.split("=", 1)
+    value = yaml.safe_load(raw) if raw else None  # YAML typing: 1e-3, true, [a, b]
+    node = tree
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise InputError(f"override {dotted!r}: {part} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    """Read a YAML config (or the defaults), apply `section.key=value` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise InputError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise InputError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(tree, item)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        where = path or "config"
+        lines = [f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        raise InputError("invalid config:\n  " + "\n  ".join(lines)) from e
