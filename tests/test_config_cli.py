@@ -1,0 +1,64 @@
+"""The typed config and the `kore` command line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kore_ray.cli import STAGES, main
+from kore_ray.config import PipelineConfig, load_config
+from kore_ray.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_run_on_a_laptop():
+    cfg = load_config()
+    assert cfg.model.name_or_path == "gemma-3-270m"
+    assert not cfg.train.use_gpu and cfg.train.num_workers == 1
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_example_configs_load(name):
+    assert isinstance(load_config(ROOT / "configs" / name), PipelineConfig)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(overrides=["train.learning_rate=1e-3", "init.method=lora", "evaluate.methods=[kore, full]"])
+    assert cfg.train.learning_rate == 1e-3 and cfg.init.method == "lora"
+    assert cfg.evaluate.methods == ["kore", "full"]
+
+
+@pytest.mark.parametrize(
+    "yaml_text, match",
+    [
+        ("train:\n  lr: 1\n", "train.lr"),  # typo'd key
+        ("init:\n  method: magic\n", "init.method"),
+        ("train:\n  learning_rate: -1\n", "train.learning_rate"),
+        ("augment:\n  min_actors: 5\n  max_actors: 2\n", "min_actors"),
+        ("- a\n- b\n", "mapping"),
+        ("train: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path, yaml_text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(InputError, match=match):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_help_lists_every_stage():
+    out = subprocess.run([sys.executable, "-m", "kore_ray.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for name in [*STAGES, "demo", "validate"]:
+        assert name in out
+
+
+def test_bad_override_is_a_clean_error(capsys):
+    assert main(["demo", "--set", "train.nope=1"]) == 2
+    assert "train.nope" in capsys.readouterr().err
