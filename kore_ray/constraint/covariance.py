@@ -1,0 +1,184 @@
+"""Accumulate C = sum x x^T of each target layer's input over the retention data's tokens.
+
+One forward pre-hook per TargetGroup, on the group's first module: the modules of a
+group (q/k/v, gate/up) read the same tensor, so one C serves them all. Each batch
+contributes X^T X over its non-padding tokens, computed in (at least) float32 and
+added to a float64 sum, so the result does not depend on how the tokens were
+batched or padded, and partial sums from many workers reduce exactly.
+
+For a vision-language model the hooks sit on the language model's layers, and image
+tokens count like any other position: only padding is masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from kore_ray.constraint.store import NORMALIZATIONS, CovarianceStore, model_fingerprint
+from kore_ray.errors import InputError, ModelError
+
+
+class CovarianceAccumulator:
+    """Context manager that sums x x^T per target group while the model runs.
+
+    normalize="none" (the default) sums the raw activations: C is then the plain
+    second moment of what each layer sees, and trace(U0^T C U0) (what the null space
+    minimises) is exactly the retention energy that reaches the adapter. Every token
+    weighs the same, and the sums of two stores add up to the store of the union.
+    normalize="sample_max" divides each sample by the |max element| of its
+    non-padding activations first, as the KORE/CorDA reference code does (there,
+    one sample per forward pass): offered for fidelity to that code. It down-weights
+    samples with outlier activations, so the null space it finds is not the one that
+    minimises the leak on the retention tokens as they are.
+
+    Use `with acc.batch(attention_mask): model(...)` for each forward pass; the mask
+    must match the hooked activations' leading shape (batch x seq).
+    """
+
+    def __init__(self, model: nn.Module, groups: Sequence, normalize: str = "none"):
+        if normalize not in NORMALIZATIONS:
+            raise InputError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        if not groups:
+            raise InputError("no target groups to collect a covariance for")
+        self.model = model
+        self.groups = list(groups)
+        self.normalize = normalize
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {g.key: 0 for g in self.groups}
+        self.samples = 0
+        self._mask: torch.Tensor | None = None
+        self._handles: list = []
+        self.hooked = {}
+        for g in self.groups:
+            name = g.modules[0]
+            try:
+                self.hooked[g.key] = model.get_submodule(name)
+            except AttributeError as e:
+                raise ModelError(f"target group {g.key}: model has no module {name!r}") from e
+
+    def __enter__(self) -> CovarianceAccumulator:
+        for g in self.groups:
+            hook = self._hook(g.key, g.modules[0])
+            self._handles.append(self.hooked[g.key].register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._mask = None
+
+    @contextmanager
+    def batch(self, attention_mask: torch.Tensor):
+        """Set the mask (batch x seq, nonzero = real token) for the forward pass run inside."""
+        mask = attention_mask.bool()
+        self.samples += int(mask.any(dim=-1).sum())
+        self._mask = mask
+        try:
+            yield
+        finally:
+            self._mask = None
+
+    def _hook(self, key: str, name: str):
+        def hook(module, args):
+            if self._mask is None:
+                raise InputError(f"layer {name} ran outside CovarianceAccumulator.batch(mask)")
+            x = args[0].detach()
+            if tuple(x.shape[:-1]) != tuple(self._mask.shape):
+                raise InputError(
+                    f"layer {name}: activations of shape {tuple(x.shape)} do not match the "
+                    f"attention mask of shape {tuple(self._mask.shape)}"
+                )
+            self._accumulate(key, name, x, self._mask.to(x.device))
+
+        return hook
+
+    def _accumulate(self, key: str, name: str, x: torch.Tensor, mask: torch.Tensor) -> None:
+        # float32 at least (bf16/fp16 sums of squares overflow and round badly), float64 kept.
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        tokens = x[mask]  # (n, d_in), only real tokens
+        if not torch.isfinite(tokens).all():
+            raise InputError(f"layer {name}: NaN or Inf in its input activations")
+        if self.normalize == "sample_max":
+            # |max element| of each sample over its real tokens, as in the reference code.
+            masked = x.masked_fill(~mask[..., None], float("-inf"))
+            scale = masked.flatten(1).amax(dim=1).abs()
+            scale = scale[mask.nonzero()[:, 0]]
+            if (scale == 0).any():
+                raise InputError(f"layer {name}: a sample's max activation is 0, cannot normalise")
+            tokens = tokens / scale[:, None]
+        part = (tokens.T @ tokens).to(torch.float64)
+        if key in self.sums:
+            self.sums[key] += part
+        else:
+            self.sums[key] = part
+        self.tokens[key] += tokens.shape[0]
+
+
+def _forward_body(model: nn.Module, hooked: Iterable[nn.Module]):
+    """The model's decoder body when it holds every hooked layer, else the model itself.
+
+    For Hugging Face models `base_model` is the backbone without the LM head (for a
+    VLM it still embeds the images): covariance needs the layers' inputs, not logits,
+    and the head is most of the cost on a large vocabulary.
+    """
+    body = getattr(model, "base_model", model)
+    if body is not model and isinstance(body, nn.Module):
+        inside = {id(m) for m in body.modules()}
+        if all(id(m) in inside for m in hooked):
+            return body
+    return model
+
+
+def collect_covariance(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    groups: Sequence,
+    normalize: str = "none",
+    data_fingerprint: str | None = None,
+) -> CovarianceStore:
+    """Run `batches` through the model and return the covariance store of its target groups.
+
+    Each batch is a dict of model inputs (input_ids, attention_mask, pixel_values, ...);
+    `labels` is ignored. Without an attention_mask every position counts. Position ids
+    are whatever the model derives (left padding is fine for rotary models, whose
+    attention depends on relative positions only).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    acc = CovarianceAccumulator(model, groups, normalize)
+    body = _forward_body(model, acc.hooked.values())
+    try:
+        with acc, torch.inference_mode():
+            for batch in batches:
+                inputs = {
+                    k: v.to(device) if isinstance(v, torch.Tensor) else v
+                    for k, v in batch.items()
+                    if k != "labels"
+                }
+                mask = inputs.get("attention_mask")
+                if mask is None:
+                    mask = torch.ones(inputs["input_ids"].shape, dtype=torch.bool)
+                with acc.batch(mask):
+                    body(**inputs, use_cache=False)
+    finally:
+        model.train(was_training)
+    missing = [g.key for g in groups if g.key not in acc.sums]
+    if missing:
+        raise InputError(f"no tokens reached target groups {missing}: empty or fully padded data?")
+    return CovarianceStore(
+        sums={k: v.cpu() for k, v in acc.sums.items()},
+        tokens=dict(acc.tokens),
+        samples=acc.samples,
+        model_fingerprint=model_fingerprint(model),
+        normalize=normalize,
+        modules={
+            g.key: {m: list(model.get_submodule(m).weight.shape) for m in g.modules} for g in groups
+        },
+        data_fingerprints=(data_fingerprint,) if data_fingerprint else (),
+    )
