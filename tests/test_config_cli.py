@@ -62,3 +62,29 @@ def test_help_lists_every_stage():
 def test_bad_override_is_a_clean_error(capsys):
     assert main(["demo", "--set", "train.nope=1"]) == 2
     assert "train.nope" in capsys.readouterr().err
+
+
+def test_validate_lists_every_bad_row(tmp_path):
+    bad = tmp_path / "knowledge.jsonl"
+    bad.write_text(
+        '{"id": "a", "kind": "news", "subject": "S", "knowledge": "K"}\n'
+        '{"id": "a", "kind": "news", "subject": "S", "knowledge": "K"}\n'
+        '{"id": "b", "kind": "news", "subject": "", "knowledge": "K"}\n'
+        'not json\n'
+        '{"id": "c", "kind": "entity", "subject": "S", "knowledge": "K", "image": "missing.png"}\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "kore_ray.cli", "validate", str(bad), "--kind", "knowledge"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    for line, field in [(2, "id"), (3, "subject"), (4, ""), (5, "image")]:
+        assert f"knowledge.jsonl:{line}: {field}" in proc.stdout, proc.stdout
+
+
+def test_validate_good_file_detects_kind(tmp_path):
+    good = tmp_path / "probes.jsonl"
+    good.write_text('{"id": "p1", "prompt": "The capital of France is", "answer": "Paris"}\n')
+    proc = subprocess.run([sys.executable, "-m", "kore_ray.cli", "validate", str(good)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "retention" in proc.stdout
