@@ -20,3 +20,19 @@ def gemma(gemma_dir):
     from kore_ray.models import load_model
 
     return load_model(str(gemma_dir))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the whole session (starting Ray costs seconds).
+
+    4 logical CPUs on a 2-core machine: actor pools and Serve need more slots than cores, and
+    the tests' work is small.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
