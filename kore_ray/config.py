@@ -40,10 +40,18 @@ class AugmentConfig(_Section):
     dialogues_per_item: int = Field(2, ge=0)
     min_actors: PositiveInt = 1
     max_actors: PositiveInt = 4
-    concurrency_per_actor: PositiveInt = 8
-    requests_per_second: float | None = Field(None, gt=0)
+    concurrency_per_actor: PositiveInt = 8  # requests in flight per actor
+    num_cpus_per_actor: float = Field(0.25, gt=0)  # the actors wait on the network, not the CPU
+    requests_per_second: float | None = Field(None, gt=0)  # all actors together
     max_retries: int = Field(4, ge=0)
+    backoff_s: float = Field(0.5, gt=0)  # first retry waits 0.5-1x this, doubling each time
+    backoff_max_s: float = Field(30.0, gt=0)  # also caps a server's Retry-After
     timeout_s: float = Field(60.0, gt=0)
+    # structured output: a JSON schema, plain JSON mode, or the prompt alone (any endpoint)
+    response_format: Literal["json_schema", "json_object", "none"] = "json_schema"
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: PositiveInt = 1024
+    dedup_threshold: float = Field(0.8, gt=0, le=1)  # word-set Jaccard of questions and answers
     seed: int = 0
 
     @model_validator(mode="after")

@@ -1,1 +1,9 @@
+"""KORE-AUGMENTATION: each knowledge item becomes its knowledge tree of training conversations.
 
+`run_augment(cfg, progress=True) -> dict` is the stage (`kore augment`, `jobs/augment.py`);
+`templates`, `llm` and `dedup` are its functional core, `pipeline` the Ray Data shell.
+"""
+
+from kore_ray.augment.pipeline import run_augment
+
+__all__ = ["run_augment"]

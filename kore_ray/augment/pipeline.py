@@ -1,0 +1,275 @@
+"""KORE-AUGMENTATION as a pipeline: the Ray Data shell around the templates and the LLM client.
+
+The driver reads the items, builds their template conversations (cheap, pure), looks the
+LLM part up in the cache, and sends only the items not cached through a Ray Data
+`map_batches` over an autoscaling pool of async actors (`DialogueClient` in each). Results
+stream back to the driver, which writes each finished item's dialogues to the cache as it
+arrives, so an interrupted run loses only the items in flight, and the actors need no shared
+filesystem. Outputs, in `<run_dir>/augmented/`:
+
+- `conversations.parquet`: `Conversation` rows, every item's knowledge tree;
+- `failures.parquet`: one row per failed item and stage (knowledge_id, stage, error, attempts);
+- `summary.json`: counts of items, conversations, requests, tokens, failures, and wall time;
+- `cache/`: one JSON file per finished item, keyed by its request (see `cache_key`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import SecretStr, ValidationError
+
+from kore_ray.augment.dedup import drop_near_duplicates
+from kore_ray.augment.llm import (
+    PROMPT_VERSION,
+    Dialogue,
+    DialogueClient,
+    build_messages,
+    dialogue_conversations,
+)
+from kore_ray.augment.templates import template_tree
+from kore_ray.config import AugmentConfig, PipelineConfig
+from kore_ray.data.io import read_records, write_parquet
+from kore_ray.data.schemas import Conversation, KnowledgeItem
+from kore_ray.errors import InputError
+
+OUTPUT_DIR = "augmented"
+ASYNC_BATCHES_PER_TASK = 4  # Ray Data runs this many batches of an async UDF at once
+
+
+@dataclass(frozen=True)
+class Failure:
+    knowledge_id: str
+    stage: str  # "dialogue" (the LLM) or "vqa" (an unusable quadruplet)
+    error: str
+    attempts: int
+
+
+FAILURE_SCHEMA = pa.schema([
+    pa.field("knowledge_id", pa.string(), False),
+    pa.field("stage", pa.string(), False),
+    pa.field("error", pa.string(), False),
+    pa.field("attempts", pa.int32(), False),
+])
+
+RESULT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("key", pa.string()), ("status", pa.string()),
+    ("dialogues", pa.string()), ("error", pa.string()), ("requests", pa.int32()),
+    ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+])
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never half of one (a crash mid-write included)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cache_key(item: KnowledgeItem, cfg: AugmentConfig) -> str:
+    """Content address of an item's LLM request: its id, the exact messages sent (so any
+    change to the item's subject, kind, date or knowledge is redone), the prompt version,
+    the model and the number of dialogues."""
+    payload = {"id": item.id, "prompt_version": PROMPT_VERSION, "model": cfg.model,
+               "n": cfg.dialogues_per_item,
+               "messages": build_messages(item, cfg.dialogues_per_item)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class Cache:
+    """Finished items' dialogues on disk, one JSON file per cache key. Failures are not
+    cached, so a re-run retries them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> list[Dialogue] | None:
+        """The cached dialogues, or None (also for an unreadable entry: it is redone)."""
+        try:
+            data = json.loads(self._path(key).read_text())
+            return [Dialogue.model_validate(d) for d in data["dialogues"]]
+        except (OSError, ValueError, KeyError, TypeError, ValidationError):
+            return None
+
+    def put(self, key: str, knowledge_id: str, model: str, dialogues: list[dict]) -> None:
+        entry = {"knowledge_id": knowledge_id, "model": model, "prompt_version": PROMPT_VERSION,
+                 "dialogues": dialogues}
+        _atomic_write(self._path(key), json.dumps(entry, ensure_ascii=False).encode())
+
+
+class DialogueWorker:
+    """A Ray Data actor: one async client, up to `concurrency_per_actor` requests in flight
+    across all the batches Ray Data runs on it at once (they share the actor's event loop)."""
+
+    def __init__(self, cfg: AugmentConfig, api_key: SecretStr, rate_per_s: float | None):
+        self._cfg, self._api_key, self._rate = cfg, api_key, rate_per_s
+        self._client: DialogueClient | None = None
+
+    async def _one(self, row: dict) -> dict:
+        outcome = await self._client.generate(KnowledgeItem.model_validate_json(row["item"]))
+        return {
+            "id": row["id"], "key": row["key"], "status": "failed" if outcome.error else "ok",
+            "dialogues": None if outcome.error else json.dumps(
+                [d.model_dump() for d in outcome.dialogues], ensure_ascii=False),
+            "error": outcome.error, "requests": outcome.requests,
+            "prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
+        }
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        if self._client is None:  # here, so that it belongs to the actor's event loop
+            self._client = DialogueClient(self._cfg, self._api_key.get_secret_value(), self._rate)
+        rows = await asyncio.gather(*(self._one(row) for row in batch.to_pylist()))
+        return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def _llm_results(todo: list[KnowledgeItem], keys: dict[str, str], cfg: AugmentConfig,
+                 progress: bool) -> Iterator[dict]:
+    """Run the items through the actor pool; yield one result row per item as they finish."""
+    import ray
+    from tqdm import tqdm
+
+    api_key = SecretStr(os.environ.get(cfg.api_key_env) or "EMPTY")  # local servers need none
+    # Each actor paces itself to its share, so all of them together stay under the limit
+    # whatever size the pool autoscales to.
+    rate = cfg.requests_per_second / cfg.max_actors if cfg.requests_per_second else None
+    batch_size = cfg.concurrency_per_actor
+    rows_per_block = batch_size * ASYNC_BATCHES_PER_TASK
+    ds = ray.data.from_items(
+        [{"id": i.id, "key": keys[i.id], "item": i.model_dump_json()} for i in todo],
+        override_num_blocks=max(1, -(-len(todo) // rows_per_block)),
+    ).map_batches(
+        DialogueWorker,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        # Two tasks per actor at once, so one task's slowest item does not idle the actor.
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors,
+                                           max_concurrent_calls_per_actor=2),
+        fn_constructor_kwargs={"cfg": cfg, "api_key": api_key, "rate_per_s": rate},
+        num_cpus=cfg.num_cpus_per_actor,
+    )
+    ctx = ray.data.DataContext.get_current()
+    ray_bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # ours instead
+    try:
+        with tqdm(total=len(todo), desc="augment", unit="item", disable=not progress) as bar:
+            failed = 0
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for row in batch.to_pylist():
+                    failed += row["status"] == "failed"
+                    bar.update(1)
+                    bar.set_postfix(failed=failed, refresh=False)
+                    yield row
+    finally:
+        ctx.enable_progress_bars = ray_bars
+
+
+def _write_failures(failures: list[Failure], path: Path) -> None:
+    table = pa.Table.from_pylist([asdict(f) for f in failures], schema=FAILURE_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    _atomic_write(path, buffer.getvalue())
+
+
+def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
+    """Turn `cfg.data.knowledge` into conversations in `<run_dir>/augmented/`; return the
+    summary (also written as summary.json).
+
+    Without `augment.base_url` (or with `dialogues_per_item: 0`) only the templates run, and
+    Ray is not started. Ray is used as `ray.data` finds it: the cluster of `RAY_ADDRESS` or
+    `ray job submit`, a running `ray.init()`, or a new local one.
+    """
+    start = time.perf_counter()
+    acfg = cfg.augment
+    if cfg.data.knowledge is None:
+        raise InputError("data.knowledge is not set: give a knowledge file "
+                         "(--set data.knowledge=FILE.jsonl)")
+    use_llm = bool(acfg.base_url) and acfg.dialogues_per_item > 0
+    if use_llm and not acfg.model:
+        raise InputError("augment.model must be set when augment.base_url is")
+    items = read_records(cfg.data.knowledge, KnowledgeItem)
+    out_dir = Path(cfg.run_dir) / OUTPUT_DIR
+    cache = Cache(out_dir / "cache")
+
+    failures: list[Failure] = []
+    dialogues: dict[str, list[Dialogue]] = {}
+    llm = Counter()
+    llm_wall = 0.0
+    if use_llm:
+        keys = {item.id: cache_key(item, acfg) for item in items}
+        todo = []
+        for item in items:
+            cached = cache.get(keys[item.id])
+            if cached is None:
+                todo.append(item)
+            else:
+                dialogues[item.id] = cached
+        llm.update(items_cached=len(items) - len(todo), items_requested=len(todo))
+        llm_start = time.perf_counter()
+        for row in _llm_results(todo, keys, acfg, progress) if todo else ():
+            llm.update(requests=row["requests"], retries=row["requests"] - 1,
+                       prompt_tokens=row["prompt_tokens"],
+                       completion_tokens=row["completion_tokens"])
+            if row["status"] == "ok":
+                found = json.loads(row["dialogues"])
+                cache.put(row["key"], row["id"], acfg.model, found)
+                dialogues[row["id"]] = [Dialogue.model_validate(d) for d in found]
+                llm["items_ok"] += 1
+            else:
+                failures.append(Failure(row["id"], "dialogue", row["error"], row["requests"]))
+                llm["items_failed"] += 1
+        llm_wall = time.perf_counter() - llm_start
+
+    conversations: list[Conversation] = []
+    removed = 0
+    for item in items:
+        tree, problems = template_tree(item, acfg.templates_per_item, acfg.seed)
+        failures += [Failure(p.knowledge_id, p.stage, p.error, 0) for p in problems]
+        tree += dialogue_conversations(item, dialogues.get(item.id, []))
+        kept, dropped = drop_near_duplicates(tree, acfg.dedup_threshold)
+        conversations += kept
+        removed += dropped
+
+    paths = {"conversations": out_dir / "conversations.parquet",
+             "failures": out_dir / "failures.parquet", "cache": cache.root,
+             "summary": out_dir / "summary.json"}
+    write_parquet(conversations, paths["conversations"], Conversation)
+    _write_failures(failures, paths["failures"])
+    summary = {
+        "items": len(items),
+        "conversations": len(conversations),
+        "conversations_by_task": dict(Counter(c.task for c in conversations)),
+        "near_duplicates_removed": removed,
+        "llm": {"enabled": use_llm, "model": acfg.model if use_llm else None,
+                "prompt_version": PROMPT_VERSION, "wall_s": round(llm_wall, 3),
+                **{k: llm[k] for k in ("items_requested", "items_cached", "items_ok",
+                                       "items_failed", "retries")}},
+        "requests": llm["requests"],
+        "prompt_tokens": llm["prompt_tokens"],
+        "completion_tokens": llm["completion_tokens"],
+        "failures": len(failures),
+        "failures_by_stage": dict(Counter(f.stage for f in failures)),
+        "wall_s": round(time.perf_counter() - start, 3),
+        "outputs": {k: str(v) for k, v in paths.items()},
+    }
+    _atomic_write(paths["summary"], json.dumps(summary, indent=2).encode())
+    return summary
