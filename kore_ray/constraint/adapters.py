@@ -91,10 +91,11 @@ def _check_store(model: nn.Module, store: CovarianceStore | None, groups: Sequen
     for g in groups:
         if g.key not in store.sums:
             raise InputError(f"covariance store has no target group {g.key}")
-        if set(store.modules[g.key]) != set(g.modules):
+        # A covariance serves any subset of the modules that read its input.
+        if not set(g.modules) <= set(store.modules[g.key]):
             raise InputError(
-                f"target group {g.key}: store has modules {sorted(store.modules[g.key])}, "
-                f"expected {sorted(g.modules)}"
+                f"target group {g.key}: modules {sorted(g.modules)} are not among the store's "
+                f"{sorted(store.modules[g.key])}"
             )
     return fingerprint
 
@@ -322,9 +323,7 @@ def _corda_model(model: nn.Module, store: CovarianceStore, groups: Sequence, ran
     with tempfile.TemporaryDirectory(prefix="kore-corda-") as tmp:
         cov_file = os.path.join(tmp, "covariance.pt")
         samples = max(store.samples, 1)
-        torch.save(
-            {m: store.sums[g.key] / samples for g in groups for m in g.modules}, cov_file
-        )
+        torch.save({m: store.sums[g.key] / samples for g in groups for m in g.modules}, cov_file)
         config = _lora_config(
             module_ranks,
             init_lora_weights="corda",
@@ -364,7 +363,9 @@ def build_method(
             rank = {g.key: matched_lora_rank(model, [g], rank[g.key]) for g in groups}
         elif match_kore:  # one rank overall, as in the KORE paper's comparison
             rank = matched_lora_rank(model, groups, rank)
-        return get_peft_model(model, _lora_config(_module_ranks(groups, rank), init_lora_weights=True))
+        return get_peft_model(
+            model, _lora_config(_module_ranks(groups, rank), init_lora_weights=True)
+        )
     for p in model.parameters():
         p.requires_grad_(True)
     return model

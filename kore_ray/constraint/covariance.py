@@ -60,7 +60,7 @@ class CovarianceAccumulator:
             except AttributeError as e:
                 raise ModelError(f"target group {g.key}: model has no module {name!r}") from e
 
-    def __enter__(self) -> CovarianceAccumulator:
+    def __enter__(self):
         for g in self.groups:
             hook = self._hook(g.key, g.modules[0])
             self._handles.append(self.hooked[g.key].register_forward_pre_hook(hook))
@@ -163,6 +163,8 @@ def collect_covariance(
                 }
                 mask = inputs.get("attention_mask")
                 if mask is None:
+                    if "input_ids" not in inputs:
+                        raise InputError("a covariance batch needs input_ids or an attention_mask")
                     mask = torch.ones(inputs["input_ids"].shape, dtype=torch.bool)
                 with acc.batch(mask):
                     body(**inputs, use_cache=False)

@@ -177,7 +177,11 @@ def atomic_directory(directory: str | os.PathLike):
     (a previous artifact), never an unrelated folder.
     """
     target = Path(directory)
-    if target.exists() and any(target.iterdir()) and not (target / MANIFEST).is_file():
+    if (
+        target.exists()
+        and not (target / MANIFEST).is_file()
+        and (not target.is_dir() or any(target.iterdir()))
+    ):
         raise InputError(f"{target} exists and is not a kore-ray artifact; refusing to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp.", dir=target.parent))
