@@ -101,15 +101,21 @@ def _check_store(model: nn.Module, store: CovarianceStore | None, groups: Sequen
 
 
 def kore_init(model: nn.Module, store: CovarianceStore, groups: Sequence, rank: Rank) -> KoreInit:
-    """Null-space factors for every module of `groups` (one eigh per group, one thin SVD per module)."""
+    """Null-space factors for every module of `groups`: one eigh per group, one thin SVD per module.
+
+    The maths runs in float64 on the device of each group's weights (eigh of an 11008-wide
+    covariance takes seconds on a GPU, minutes on a CPU); the factors stay there.
+    """
     fingerprint = _check_store(model, store, groups, "kore")
+    ranks = _group_ranks(groups, rank)
     factors, leaks = {}, {}
     for g in groups:
-        r = _group_ranks(groups, rank)[g.key]
-        ns = null_space(store.sums[g.key], r, name=f"target group {g.key}")
+        weights = [model.get_submodule(name).weight.detach() for name in g.modules]
+        cov = store.sums[g.key].to(weights[0].device)
+        ns = null_space(cov, ranks[g.key], name=f"target group {g.key}")
         leaks[g.key] = ns.leak
-        for name in g.modules:
-            factors[name] = null_space_init(model.get_submodule(name).weight.detach(), ns.basis)
+        for name, weight in zip(g.modules, weights):
+            factors[name] = null_space_init(weight, ns.basis)
     return KoreInit(factors=factors, leaks=leaks, model_fingerprint=fingerprint)
 
 

@@ -3,8 +3,8 @@
 One forward pre-hook per TargetGroup, on the group's first module: the modules of a
 group (q/k/v, gate/up) read the same tensor, so one C serves them all. Each batch
 contributes X^T X over its non-padding tokens, computed in (at least) float32 and
-added to a float64 sum, so the result does not depend on how the tokens were
-batched or padded, and partial sums from many workers reduce exactly.
+added to a float64 sum: batching and padding change only the last bits, and partial
+sums from many workers add up to the sum over all their data.
 
 For a vision-language model the hooks sit on the language model's layers, and image
 tokens count like any other position: only padding is masked.
