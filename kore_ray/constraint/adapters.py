@@ -223,7 +223,8 @@ def load_kore_model(
     peft_model = PeftModel.from_pretrained(base_model, directory, is_trainable=is_trainable)
     for name, layer in _lora_layers(peft_model):
         _residualise(layer, factors[f"{name}.A0"], factors[f"{name}.B0"])
-        layer.lora_A[ADAPTER].weight.requires_grad_(is_trainable and meta["method"] == "kore-v1")
+        # KORE freezes A at A0; kore-v1 and CorDA (saved this way by the init stage) train it.
+        layer.lora_A[ADAPTER].weight.requires_grad_(is_trainable and meta["method"] != "kore")
     peft_model.kore_meta = {k: meta[k] for k in ("method", "model_fingerprint", "leaks")}
     return peft_model
 
