@@ -62,11 +62,16 @@ class AugmentConfig(_Section):
 
 
 class CovarianceConfig(_Section):
-    batch_size: PositiveInt = 8
-    max_length: PositiveInt = 256
-    num_actors: PositiveInt = 1
-    normalize: bool = False  # KORE reference's per-sample max-abs scaling
-    add_to: str | None = None  # an existing store to add this data to
+    batch_size: PositiveInt = 8  # sequences per forward pass (micro-batch) inside an actor
+    max_length: PositiveInt = 256  # tokens per sequence; longer text is truncated
+    num_actors: PositiveInt = 1  # model replicas; one GPU each when use_gpu
+    # Sequences per Ray task. Each task returns its partial sums (d x d per target group)
+    # through the object store once, so at scale make a task minutes of model time.
+    sequences_per_task: PositiveInt = 256
+    use_gpu: bool | None = None  # None: a GPU per actor when the cluster has GPUs
+    # "none": raw x x^T; "sample_max": each sample divided by its |max| (KORE reference code).
+    normalize: Literal["none", "sample_max"] = "none"
+    add_to: str | None = None  # an existing store (same model) to add this data to
 
 
 class InitConfig(_Section):
