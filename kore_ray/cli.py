@@ -27,6 +27,21 @@ def _not_yet(name: str, issue: int):
     return run
 
 
+def _config(args):
+    from kore_ray.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def _init(args) -> int:
+    from kore_ray.constraint.stage import run_init
+
+    cfg = _config(args)
+    for method in args.method or [cfg.init.method]:
+        run_init(cfg, method, force=args.force)
+    return 0
+
+
 def _demo(args) -> int:
     from kore_ray.demo import run_demo
 
@@ -56,8 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    for name, (help_, issue) in STAGES.items():
-        add(name, help_, _not_yet(name, issue))
+    handlers = {"init": _init}
+    parsers = {
+        name: add(name, help_, handlers.get(name) or _not_yet(name, issue))
+        for name, (help_, issue) in STAGES.items()
+    }
+    parsers["init"].add_argument(
+        "--method", action="append", choices=["kore", "kore-v1", "lora", "corda", "full"],
+        help="initialise this method instead of init.method (repeatable)",
+    )
+    parsers["init"].add_argument("--force", action="store_true", help="redo an up-to-date init")
     add("demo", "The whole pipeline on the embedded default (Gemma 3 270M, local Ray).", _demo)
     v = sub.add_parser(
         "validate", help="Check an input file against its schema; lists every bad row.",

@@ -296,3 +296,14 @@ def test_fingerprint_is_stable_and_tells_checkpoints_apart():
 def test_unknown_normalisation_is_refused():
     with pytest.raises(InputError, match="normalize must be one of"):
         CovarianceAccumulator(_TwoReaders(), [TargetGroup("qk", ("q", "k"), 6)], normalize="l2")
+
+
+def test_fingerprint_of_a_tensor_wider_than_float32_can_index():
+    """Gemma's 262k x 640 embedding has more than 2^24 elements; sampling must stay in bounds."""
+    from kore_ray.constraint.store import model_fingerprint
+
+    big = torch.nn.Embedding(2**24 + 3, 1)
+    first = model_fingerprint(big)
+    with torch.no_grad():
+        big.weight[-1] = 123.0  # the last element is sampled
+    assert model_fingerprint(big) != first

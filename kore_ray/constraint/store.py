@@ -81,8 +81,9 @@ def model_fingerprint(model: nn.Module) -> str:
             flat = p.detach().reshape(-1)
             if flat.numel() == 0:
                 continue
-            idx = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR, device=flat.device)
-            sample = flat[idx.long()].to(torch.bfloat16).view(torch.int16).cpu()
+            # Integer spacing: a float32 linspace rounds past the end beyond 2^24 elements.
+            idx = torch.arange(_SAMPLES_PER_TENSOR, device=flat.device) * (flat.numel() - 1)
+            sample = flat[idx // (_SAMPLES_PER_TENSOR - 1)].to(torch.bfloat16).view(torch.int16).cpu()
             h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
 
