@@ -155,15 +155,20 @@ def _llm_results(todo: list[KnowledgeItem], keys: dict[str, str], cfg: AugmentCo
     rate = cfg.requests_per_second / cfg.max_actors if cfg.requests_per_second else None
     batch_size = cfg.concurrency_per_actor
     rows_per_block = batch_size * ASYNC_BATCHES_PER_TASK
+    blocks = max(1, -(-len(todo) // rows_per_block))
+    # The work is known up front: start as many actors as there are blocks to keep busy
+    # (within min/max) rather than let the autoscaler discover it one actor at a time.
+    initial = min(cfg.max_actors, max(cfg.min_actors, blocks))
     ds = ray.data.from_items(
         [{"id": i.id, "key": keys[i.id], "item": i.model_dump_json()} for i in todo],
-        override_num_blocks=max(1, -(-len(todo) // rows_per_block)),
+        override_num_blocks=blocks,
     ).map_batches(
         DialogueWorker,
         batch_size=batch_size,
         batch_format="pyarrow",
         # Two tasks per actor at once, so one task's slowest item does not idle the actor.
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors,
+                                           initial_size=initial,
                                            max_concurrent_calls_per_actor=2),
         fn_constructor_kwargs={"cfg": cfg, "api_key": api_key, "rate_per_s": rate},
         num_cpus=cfg.num_cpus_per_actor,
@@ -210,45 +215,52 @@ def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
     out_dir = Path(cfg.run_dir) / OUTPUT_DIR
     cache = Cache(out_dir / "cache")
 
+    trees: dict[str, list[Conversation]] = {}
     failures: list[Failure] = []
-    dialogues: dict[str, list[Dialogue]] = {}
-    llm = Counter()
-    llm_wall = 0.0
-    if use_llm:
-        keys = {item.id: cache_key(item, acfg) for item in items}
-        todo = []
-        for item in items:
+    stats = Counter()
+
+    def finish(item: KnowledgeItem, found: list[Dialogue]) -> None:
+        """Build an item's tree; called as each item's dialogues arrive, so this CPU work
+        overlaps the requests still in flight."""
+        tree, problems = template_tree(item, acfg.templates_per_item, acfg.seed)
+        failures.extend(Failure(p.knowledge_id, p.stage, p.error, 0) for p in problems)
+        trees[item.id], dropped = drop_near_duplicates(
+            tree + dialogue_conversations(item, found), acfg.dedup_threshold)
+        stats["near_duplicates_removed"] += dropped
+
+    todo, keys = [], {}
+    for item in items:
+        cached = None
+        if use_llm:
+            keys[item.id] = cache_key(item, acfg)
             cached = cache.get(keys[item.id])
             if cached is None:
                 todo.append(item)
-            else:
-                dialogues[item.id] = cached
-        llm.update(items_cached=len(items) - len(todo), items_requested=len(todo))
-        llm_start = time.perf_counter()
-        for row in _llm_results(todo, keys, acfg, progress) if todo else ():
-            llm.update(requests=row["requests"], retries=row["requests"] - 1,
-                       prompt_tokens=row["prompt_tokens"],
-                       completion_tokens=row["completion_tokens"])
-            if row["status"] == "ok":
-                found = json.loads(row["dialogues"])
-                cache.put(row["key"], row["id"], acfg.model, found)
-                dialogues[row["id"]] = [Dialogue.model_validate(d) for d in found]
-                llm["items_ok"] += 1
-            else:
-                failures.append(Failure(row["id"], "dialogue", row["error"], row["requests"]))
-                llm["items_failed"] += 1
-        llm_wall = time.perf_counter() - llm_start
+                continue
+            stats["items_cached"] += 1
+        finish(item, cached or [])
 
-    conversations: list[Conversation] = []
-    removed = 0
-    for item in items:
-        tree, problems = template_tree(item, acfg.templates_per_item, acfg.seed)
-        failures += [Failure(p.knowledge_id, p.stage, p.error, 0) for p in problems]
-        tree += dialogue_conversations(item, dialogues.get(item.id, []))
-        kept, dropped = drop_near_duplicates(tree, acfg.dedup_threshold)
-        conversations += kept
-        removed += dropped
+    llm_start = time.perf_counter()
+    by_id = {item.id: item for item in todo}
+    for row in _llm_results(todo, keys, acfg, progress) if todo else ():
+        stats.update(requests=row["requests"], retries=row["requests"] - 1,
+                     prompt_tokens=row["prompt_tokens"],
+                     completion_tokens=row["completion_tokens"])
+        found = []
+        if row["status"] == "ok":
+            raw = json.loads(row["dialogues"])
+            cache.put(row["key"], row["id"], acfg.model, raw)
+            found = [Dialogue.model_validate(d) for d in raw]
+            stats["items_ok"] += 1
+        else:
+            failures.append(Failure(row["id"], "dialogue", row["error"], row["requests"]))
+            stats["items_failed"] += 1
+        finish(by_id[row["id"]], found)
+    llm_wall = time.perf_counter() - llm_start if todo else 0.0
 
+    order = {item.id: i for i, item in enumerate(items)}  # output in input order, not arrival
+    conversations = [c for item in items for c in trees[item.id]]
+    failures.sort(key=lambda f: (order[f.knowledge_id], f.stage))
     paths = {"conversations": out_dir / "conversations.parquet",
              "failures": out_dir / "failures.parquet", "cache": cache.root,
              "summary": out_dir / "summary.json"}
@@ -258,14 +270,14 @@ def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
         "items": len(items),
         "conversations": len(conversations),
         "conversations_by_task": dict(Counter(c.task for c in conversations)),
-        "near_duplicates_removed": removed,
+        "near_duplicates_removed": stats["near_duplicates_removed"],
         "llm": {"enabled": use_llm, "model": acfg.model if use_llm else None,
                 "prompt_version": PROMPT_VERSION, "wall_s": round(llm_wall, 3),
-                **{k: llm[k] for k in ("items_requested", "items_cached", "items_ok",
-                                       "items_failed", "retries")}},
-        "requests": llm["requests"],
-        "prompt_tokens": llm["prompt_tokens"],
-        "completion_tokens": llm["completion_tokens"],
+                "items_requested": len(todo),
+                **{k: stats[k] for k in ("items_cached", "items_ok", "items_failed", "retries")}},
+        "requests": stats["requests"],
+        "prompt_tokens": stats["prompt_tokens"],
+        "completion_tokens": stats["completion_tokens"],
         "failures": len(failures),
         "failures_by_stage": dict(Counter(f.stage for f in failures)),
         "wall_s": round(time.perf_counter() - start, 3),
