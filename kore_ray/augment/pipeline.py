@@ -173,19 +173,15 @@ def _llm_results(todo: list[KnowledgeItem], keys: dict[str, str], cfg: AugmentCo
         fn_constructor_kwargs={"cfg": cfg, "api_key": api_key, "rate_per_s": rate},
         num_cpus=cfg.num_cpus_per_actor,
     )
-    ctx = ray.data.DataContext.get_current()
-    ray_bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # ours instead
-    try:
-        with tqdm(total=len(todo), desc="augment", unit="item", disable=not progress) as bar:
-            failed = 0
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for row in batch.to_pylist():
-                    failed += row["status"] == "failed"
-                    bar.update(1)
-                    bar.set_postfix(failed=failed, refresh=False)
-                    yield row
-    finally:
-        ctx.enable_progress_bars = ray_bars
+    ds.context.enable_progress_bars = False  # this dataset's own copy: ours instead
+    with tqdm(total=len(todo), desc="augment", unit="item", disable=not progress) as bar:
+        failed = 0
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                failed += row["status"] == "failed"
+                bar.update(1)
+                bar.set_postfix(failed=failed, refresh=False)
+                yield row
 
 
 def _write_failures(failures: list[Failure], path: Path) -> None:
