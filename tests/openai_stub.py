@@ -5,13 +5,13 @@ network exactly as against a hosted API: status codes, headers, time-outs and al
 
     with OpenAIStub(responder=lambda body: '{"ok": true}') as stub:
         stub.script("item-7", Status(429, retry_after=0.1), Answer())  # 429 first, then answer
-        stub.script("item-9", Malformed(), repeat_last=True)          # always malformed
+        stub.script("item-9", Malformed(), repeat_last=True)          # always malformed JSON
         client = openai.OpenAI(base_url=stub.url, api_key="k")
         ...
         stub.requests  # everything received, in order of arrival
 
-Each request takes the next behaviour scripted for the first `script()` match string that
-occurs in its messages; a request no script matches is answered by `responder(body)`.
+A request takes the next behaviour of the first script whose match string occurs in its
+messages and has behaviours left; any other request is answered by `responder(body)`.
 `latency_s` delays every request and `max_in_flight` makes requests beyond it queue, as an
 inference server with a fixed number of slots does; `max_seen_in_flight` records the peak.
 """
@@ -46,6 +46,13 @@ class Malformed:
 
 
 @dataclass(frozen=True)
+class BrokenBody:
+    """A 200 whose body is not JSON (a truncated response, a proxy's error page)."""
+
+    body: str = '{"id": "chatcmpl-x", "choices": ['
+
+
+@dataclass(frozen=True)
 class Status:
     """An error status with an OpenAI-style error body, and optionally Retry-After."""
 
@@ -61,7 +68,7 @@ class Stall:
     seconds: float = 3600.0
 
 
-Behaviour = Answer | Malformed | Status | Stall
+Behaviour = Answer | Malformed | BrokenBody | Status | Stall
 
 
 @dataclass
@@ -147,6 +154,8 @@ class OpenAIStub:
                 "Retry-After": f"{behaviour.retry_after:g}"}
             error = {"message": behaviour.message, "type": "scripted", "code": behaviour.code}
             return web.json_response({"error": error}, status=behaviour.code, headers=headers)
+        if isinstance(behaviour, BrokenBody):
+            return web.Response(text=behaviour.body, content_type="application/json")
         if isinstance(behaviour, Stall):
             try:
                 await asyncio.wait_for(self._closing.wait(), behaviour.seconds)

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
 import pytest
-from openai_stub import Answer, Malformed, OpenAIStub, Stall, Status
+from openai_stub import Answer, BrokenBody, Malformed, OpenAIStub, Stall, Status
 
 from kore_ray.augment.llm import (
     DialogueClient,
@@ -135,15 +135,16 @@ def test_success_sends_key_model_and_schema_and_counts_tokens():
 
 
 def test_retryable_errors_are_retried_and_retry_after_honoured():
-    its = items(4)
+    its = items(5)
     with OpenAIStub(valid) as stub:
         stub.script("Subject-0.", Status(429, retry_after=0.4), Answer())
         stub.script("Subject-1.", Status(500), Status(503), Answer())
         stub.script("Subject-2.", Stall(), Answer())
+        stub.script("Subject-3.", BrokenBody(), Answer())
         out = generate(stub, its, timeout_s=0.3)
         gap = [r.at for r in stub.requests if "Subject-0." in r.text]
-    assert [o.error for o in out] == [None] * 4
-    assert [o.requests for o in out] == [2, 3, 2, 1]
+    assert [o.error for o in out] == [None] * 5
+    assert [o.requests for o in out] == [2, 3, 2, 2, 1]
     assert gap[1] - gap[0] >= 0.4  # the server's Retry-After, not the 0.01 s backoff
 
 

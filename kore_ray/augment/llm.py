@@ -170,11 +170,14 @@ def backoff_s(attempt: int, base: float, cap: float, rng: random.Random,
 def classify(exc: Exception) -> tuple[bool, str, float | None]:
     """(retryable, message, retry-after seconds) for an error from the openai client.
 
-    Rate limits (429), server errors (5xx), time-outs and lost connections are retried; any
-    other status (a bad request, a wrong key or model) would fail the same way again.
+    Rate limits (429), server errors (5xx), time-outs, lost connections and unreadable response
+    bodies (a truncated answer, a proxy's error page) are retried; any other status (a bad
+    request, a wrong key or model) would fail the same way again.
     """
     if isinstance(exc, openai.APITimeoutError):
         return True, "request timed out", None
+    if isinstance(exc, (json.JSONDecodeError, openai.APIResponseValidationError)):
+        return True, f"invalid output: the response body is not a chat completion ({exc})", None
     if isinstance(exc, openai.APIConnectionError):
         return True, f"connection error: {exc.__cause__ or exc}", None
     if isinstance(exc, openai.APIStatusError):
