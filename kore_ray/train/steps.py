@@ -1,0 +1,156 @@
+"""One optimisation step in plain torch: loss, optimizer, schedule, step. No Ray, no process group.
+
+The loss is the mean next-token cross-entropy over the assistant tokens of the GLOBAL batch.
+Each worker sums the losses of its own tokens and divides by the global count of assistant
+tokens (summed across workers before the forward pass). DDP then AVERAGES gradients over the
+W workers, so each worker scales its loss by W: the averaged gradient is exactly the gradient
+of the global mean, however the global batch is split into workers and micro-batches. That is
+what makes 2 workers follow the 1-worker loss curve; a per-worker mean would weight tokens
+differently whenever workers hold different numbers of assistant tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kore_ray.data.tokenize import IGNORE_INDEX
+from kore_ray.errors import InputError
+
+Batch = Mapping[str, torch.Tensor]
+
+
+def loss_token_count(labels: torch.Tensor) -> int:
+    """Tokens that carry loss: labelled positions after the shift (position 0 predicts nothing)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def assistant_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the labelled (assistant) tokens.
+
+    Only the labelled positions are upcast to float32: on a 262k vocabulary, float32 logits
+    for every position would be most of the step's activation memory.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Learning-rate multiplier for 0-based `step`: linear warmup, then the schedule.
+
+    "linear" and "cosine" decay towards 0 at `total_steps` (the last step keeps a little).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise InputError(f"unknown lr_schedule {schedule!r}; valid: constant, linear, cosine")
+
+
+def build_optimizer(
+    model: nn.Module, learning_rate: float, weight_decay: float = 0.0
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only: frozen base weights get no optimizer state."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InputError("the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str
+) -> torch.optim.lr_scheduler.LambdaLR:
+    lr_factor(0, total_steps, warmup_steps, schedule)  # an unknown schedule fails here, not later
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule),
+    )
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One step, global figures (summed over workers)."""
+
+    loss: float  # mean cross-entropy per assistant token of the global batch
+    loss_tokens: int  # assistant tokens in the global batch
+    tokens: int  # non-padding input tokens in the global batch
+    lr: float  # the learning rate this step used
+    grad_norm: float  # before clipping
+
+
+def _no_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _clip(model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    limit = math.inf if max_norm is None else max_norm  # inf: measure, do not clip
+    if hasattr(model, "clip_grad_norm_"):  # FSDP: gradients are sharded, it reduces the norm
+        return model.clip_grad_norm_(limit)
+    params = [p for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, limit)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: Sequence[Batch],
+    *,
+    world_size: int = 1,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduce,
+    max_grad_norm: float | None = None,
+) -> StepStats:
+    """Forward/backward over this worker's micro-batches, then one optimizer step.
+
+    `micro_batches` are model inputs (already on the model's device) with `labels`.
+    `all_reduce` sums a tensor over the workers in place and returns it (identity for one
+    worker); gradients are averaged by the DDP/FSDP wrapper, synchronised once per step
+    (`no_sync` on every micro-batch but the last).
+    """
+    device = micro_batches[0]["labels"].device
+    counts = torch.tensor(
+        [
+            sum(loss_token_count(mb["labels"]) for mb in micro_batches),
+            sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
+        ],
+        dtype=torch.float64,
+        device=device,
+    )
+    loss_tokens, tokens = (int(v) for v in all_reduce(counts).tolist())
+    scale = world_size / max(loss_tokens, 1)
+    lr = optimizer.param_groups[0]["lr"]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            logits = model(**inputs, use_cache=False).logits
+            loss = assistant_loss_sum(logits, batch["labels"])
+            (loss * scale).backward()
+        loss_sum += loss.detach()
+    grad_norm = _clip(model, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    total = all_reduce(loss_sum.reshape(1))
+    return StepStats(
+        loss=float(total) / max(loss_tokens, 1),
+        loss_tokens=loss_tokens,
+        tokens=tokens,
+        lr=lr,
+        grad_norm=float(grad_norm),
+    )

@@ -1,0 +1,264 @@
+"""`kore train`: the driver. Plans the data, starts Ray Train V2, exports the result.
+
+Run directory:
+  reads   init/<method>/                       `kore init`
+          augmented/conversations.parquet      `kore augment`
+  writes  checkpoints/<run name>/              Ray Train storage: step_NNNNNN/ checkpoints
+          train/<method>/run.json              the settings the checkpoints belong to
+          train/<method>/metrics.jsonl         per step: loss, lr, tokens/s, ... (rank 0)
+          adapter/<method>/                    plain LoRA for the unmodified base (`full`: the
+                                               whole model), via stage.export_trained
+
+Resume. The run name is stable (`train.run_name`, default "<run_dir name>-<method>"), so Ray
+Train finds its earlier checkpoints in the same storage: a restarted worker group
+(`train.max_failures`) and a second `run_train` on the same run directory (the driver died)
+both continue from the latest checkpoint. A checkpoint counts once Ray Train's controller has
+recorded it (it polls the workers every 2 s): a worker that dies within that window after
+reporting resumes from the checkpoint before, and retrains the steps since (metrics.jsonl
+keeps each step once). run.json refuses a resume with settings that would change the
+trajectory (data, init, batch, schedule, ...); the worker count is not one of them.
+
+Scale. Workers are DDP replicas (gloo on CPU, nccl on GPU) unless `train.strategy: fsdp`
+(GPU only). Memory per GPU for a 7B decoder in bfloat16 (weights 13.5 GB), before activations:
+  KORE/LoRA, DDP:   13.5 GB weights + adapter (fp32 weights, grads, 2 Adam moments: 16 bytes
+                    per trainable parameter; KORE r=235 on all linears of a 7B is ~0.3 B
+                    parameters, 5 GB), so ~19 GB: fits one 40 GB GPU per worker.
+  full, DDP:        weights + grads + 2 Adam moments, all bf16: 4 x 13.5 = 54 GB: does not fit
+                    40 GB, and barely 80 GB.
+  full, FSDP on N:  54 / N GB (8 GPUs: ~7 GB) plus one decoder layer's all-gathered weights.
+  KORE/LoRA, FSDP:  (13.5 + 5) / N GB; worth it from ~13B, or to free memory for longer
+                    sequences.
+Activations grow with micro-batch x sequence length; `train.activation_checkpointing`
+trades ~30% step time for most of them, `train.micro_batch_size` splits a worker's share.
+bfloat16 is used on GPU only: CPU bf16 matmuls are slow and the CPU tests compare in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from kore_ray.config import PipelineConfig
+from kore_ray.constraint.stage import (
+    STAGE_FILE,
+    adapter_dir,
+    export_trained,
+    init_dir,
+    load_trainable,
+)
+from kore_ray.data.schemas import Conversation
+from kore_ray.errors import InputError
+from kore_ray.models.loading import load_model
+from kore_ray.train.checkpoint import INFO_FILE, load_weights, read_weights
+from kore_ray.train.data import (
+    Tokenize,
+    conversations_path,
+    load_preprocessor,
+    per_worker_batch,
+    plan_schedule,
+    rank_tables,
+    read_conversations,
+    shard_name,
+)
+from kore_ray.train.loop import WorkerSpec, train_loop_per_worker
+
+METRICS = "metrics.jsonl"
+RUN_RECORD = "run.json"
+
+
+def train_dir(run_dir: str | Path, method: str) -> Path:
+    return Path(run_dir) / "train" / method
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def run_name(cfg: PipelineConfig, method: str) -> str:
+    return cfg.train.run_name or f"{Path(cfg.run_dir).resolve().name}-{method}"
+
+
+def _data_fingerprint(conversations: Sequence[Conversation]) -> str:
+    h = hashlib.sha256()
+    for conv in conversations:
+        h.update(conv.model_dump_json(exclude_none=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def _run_record(cfg: PipelineConfig, method: str, init: Path, conversations, steps: int) -> dict:
+    t = cfg.train
+    return {
+        "method": method,
+        "model": cfg.model.name_or_path,
+        "init": json.loads((init / STAGE_FILE).read_text()),
+        "data": _data_fingerprint(conversations),
+        "steps": steps,
+        **{k: getattr(t, k) for k in (
+            "batch_size", "epochs", "max_steps", "max_length", "learning_rate", "lr_schedule",
+            "warmup_steps", "weight_decay", "max_grad_norm", "seed", "use_gpu",
+        )},
+    }
+
+
+def _claim(record_path: Path, storage: Path, record: dict) -> None:
+    """Write run.json, or refuse to resume checkpoints that were made with other settings."""
+    if storage.exists() and record_path.is_file():
+        old = json.loads(record_path.read_text())
+        changed = sorted(k for k in record.keys() | old.keys() if record.get(k) != old.get(k))
+        if changed:
+            raise InputError(
+                f"{storage} holds checkpoints of this run made with other settings "
+                f"({', '.join(changed)}); train in another run directory, set train.run_name, "
+                f"or delete {storage} and {record_path.parent} to start over"
+            )
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=2, sort_keys=True))
+
+
+@contextmanager
+def _data_context(progress: bool):
+    """Ordered execution (each shard's rows stay in step order), progress bars as asked."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
+    ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, progress
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+
+
+def _shards(cfg: PipelineConfig, conversations, schedule, progress: bool) -> dict:
+    """One materialised, tokenised dataset per rank.
+
+    Tokenised in one Ray Data pass before training starts, so the tokeniser actors never
+    compete with the training workers for CPUs; then cut at the ranks' boundaries (metadata
+    only). Each worker streams its own shard.
+    """
+    import ray
+
+    tables = rank_tables(conversations, schedule, cfg.train.num_workers)
+    with _data_context(progress):
+        ds = ray.data.from_arrow([block for rank in tables for block in rank])
+        ds = ds.map_batches(
+            Tokenize,
+            fn_constructor_kwargs={"name_or_path": cfg.model.name_or_path,
+                                   "max_length": cfg.train.max_length},
+            batch_size=None,
+            batch_format="pyarrow",
+            concurrency=(1, 4),
+        )
+        rows = schedule.size // cfg.train.num_workers
+        bounds = [rows * k for k in range(1, cfg.train.num_workers)]
+        parts = ds.split_at_indices(bounds) if bounds else [ds.materialize()]
+    return {shard_name(k): part for k, part in enumerate(parts)}
+
+
+def _export(cfg: PipelineConfig, method: str, checkpoint, dtype: str) -> Path:
+    """The trained model from the final checkpoint, exported (see stage.export_trained)."""
+    base, _ = load_model(cfg.model.name_or_path, dtype)
+    model = load_trainable(base, init_dir(cfg.run_dir, method))
+    with checkpoint.as_directory() as directory:
+        load_weights(model, read_weights(directory))
+    return export_trained(model, adapter_dir(cfg.run_dir, method), cfg.model.name_or_path)
+
+
+def run_train(
+    cfg: PipelineConfig,
+    method: str | None = None,
+    progress: bool = True,
+    *,
+    after_step: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Train `method` from its init on the augmented conversations; return the adapter dir.
+
+    Uses the Ray cluster that ray.train finds (RAY_ADDRESS / `ray job submit`, a running
+    ray.init(), or a new local one). `after_step(step, rank)` runs on every worker after
+    each step (and its checkpoint): instrumentation and fault injection.
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    if not is_v2_enabled():
+        raise InputError("kore train needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED=0")
+    method = method or cfg.init.method
+    t = cfg.train
+    if t.strategy == "fsdp" and not t.use_gpu:
+        raise InputError("train.strategy=fsdp needs train.use_gpu=true (FSDP runs on GPUs only)")
+    per_worker = per_worker_batch(t.batch_size, t.num_workers)
+    init = init_dir(cfg.run_dir, method)
+    if not (init / STAGE_FILE).is_file():
+        raise InputError(f"{init}: no initialisation for {method!r} (run `kore init` first)")
+    _, vision = load_preprocessor(cfg.model.name_or_path)
+    conversations = read_conversations(conversations_path(cfg.run_dir), vision)
+    schedule = plan_schedule(len(conversations), t.batch_size, t.epochs, t.max_steps, t.seed)
+    steps = schedule.shape[0]
+    name = run_name(cfg, method)
+    storage = checkpoints_dir(cfg.run_dir).resolve()
+    out = train_dir(cfg.run_dir, method)
+    _claim(out / RUN_RECORD, storage / name, _run_record(cfg, method, init, conversations, steps))
+    dtype = "bfloat16" if t.use_gpu else "float32"
+    if progress:
+        print(f"kore train: {method}, {steps} steps of {t.batch_size} sequences "
+              f"({len(conversations)} conversations) on {t.num_workers} worker(s), run {name!r}")
+
+    spec = WorkerSpec(
+        model=cfg.model.name_or_path,
+        init_dir=str(init.resolve()),
+        dtype=dtype,
+        strategy=t.strategy,
+        total_steps=steps,
+        per_worker_batch=per_worker,
+        micro_batch_size=min(t.micro_batch_size or per_worker, per_worker),
+        max_length=t.max_length,
+        learning_rate=t.learning_rate,
+        lr_schedule=t.lr_schedule,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        activation_checkpointing=t.activation_checkpointing,
+        checkpoint_every=t.checkpoint_every,
+        metrics_path=str((out / METRICS).resolve()),
+        rows_per_epoch=len(conversations),
+        global_batch=t.batch_size,
+        threads=t.cpus_per_worker,
+        seed=t.seed,
+        progress=progress,
+        after_step=after_step,
+    )
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    ordered = DataConfig.default_ingest_options()
+    ordered.preserve_order = True
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        ),
+        datasets=_shards(cfg, conversations, schedule, progress),
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ordered),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {name!r} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        done = json.loads((Path(directory) / INFO_FILE).read_text())["step"]
+    if done != steps:
+        raise RuntimeError(f"run {name!r} ended at step {done} of {steps}")
+    adapter = _export(cfg, method, result.checkpoint, dtype)
+    if progress:
+        print(f"kore train: wrote {adapter}")
+    return adapter
