@@ -83,13 +83,25 @@ class InitConfig(_Section):
 
 class TrainConfig(_Section):
     learning_rate: float = Field(5e-4, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # after the warmup
+    warmup_steps: int = Field(0, ge=0)  # linear ramp from lr/warmup_steps up to lr
+    # Off by default: weight decay pulls KORE's B towards 0 rather than towards its init B0.
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping (the norm is still logged)
     epochs: PositiveInt = 1
-    max_steps: int | None = Field(None, gt=0)
-    batch_size: PositiveInt = 8  # global batch
+    max_steps: int | None = Field(None, gt=0)  # when set, overrides epochs (data repeats as needed)
+    batch_size: PositiveInt = 8  # GLOBAL batch (sequences per optimizer step), any num_workers
+    micro_batch_size: PositiveInt | None = None  # per forward pass on a worker; None: its share
     max_length: PositiveInt = 256
-    num_workers: PositiveInt = 1
-    use_gpu: bool = False
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    num_workers: PositiveInt = 1  # must divide batch_size
+    cpus_per_worker: PositiveInt = 1  # on CPU also the worker's torch threads
+    use_gpu: bool = False  # one GPU per worker, nccl, bfloat16 base weights
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp needs use_gpu
+    activation_checkpointing: bool = False  # recompute in backward: less memory, ~30% slower
+    checkpoint_every: PositiveInt = 50  # steps; the last step is always checkpointed
+    keep_checkpoints: PositiveInt = 2
+    max_failures: int = Field(3, ge=-1)  # restarts from the latest checkpoint; -1: no limit
+    run_name: str | None = None  # Ray Train run name; None: "<run_dir name>-<method>" (resumable)
     seed: int = 0
 
 
