@@ -9,7 +9,7 @@ per second. Measured in one run:
 - a plain sequential loop of the synchronous `openai` client over the same requests:
   the pipeline's speedup over it.
 
-    python benchmarks/augment.py [--items 6000 --latency 0.2 --slots 16]
+    python benchmarks/augment.py [--items 3000 --latency 1.0 --slots 32]
 
 Last line: {"throughput_vs_capacity": ..., "speedup_vs_sequential": ...}
 """
@@ -60,12 +60,12 @@ def sequential_rate(url: str, items: list[KnowledgeItem]) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--items", type=int, default=6000)
-    p.add_argument("--latency", type=float, default=0.2, help="L, seconds per request")
-    p.add_argument("--slots", type=int, default=16, help="K, requests the endpoint serves at once")
-    p.add_argument("--sequential", type=int, default=20, help="requests for the sequential loop")
+    p.add_argument("--items", type=int, default=3000)
+    p.add_argument("--latency", type=float, default=1.0, help="L, seconds per request")
+    p.add_argument("--slots", type=int, default=32, help="K, requests the endpoint serves at once")
+    p.add_argument("--sequential", type=int, default=10, help="requests for the sequential loop")
     p.add_argument("--actors", type=int, default=4, help="max actors (min is 1)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight per actor")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight per actor")
     args = p.parse_args()
     capacity = args.slots / args.latency
 
@@ -81,7 +81,9 @@ def main() -> None:
                         "min_actors": 1, "max_actors": args.actors,
                         "concurrency_per_actor": args.concurrency}})
         before = stub.count()
+        t0 = time.monotonic()
         summary = run_augment(cfg, progress=False)
+        t1 = time.monotonic()
         arrivals = [r.at for r in stub.requests[before:]]
         peak = stub.max_seen_in_flight
     ray.shutdown()
@@ -96,6 +98,10 @@ def main() -> None:
         ("augment stage, end to end", f"{rate:.1f} req/s",
          f"{requests} requests in {summary['wall_s']:.1f} s (pool start-up included)"),
         ("  while requests flowed", f"{steady:.1f} req/s", "first to last request arrival"),
+        ("  before the first request", f"{min(arrivals) - t0:.1f} s",
+         "reading, Ray Data planning, actor start-up"),
+        ("  after the last request", f"{t1 - max(arrivals):.1f} s",
+         "last answers, Parquet and summary"),
         ("  peak in flight at endpoint", f"{peak}",
          f"pool: up to {args.actors} actors x {args.concurrency} requests"),
         ("throughput / capacity", f"{rate / capacity:.3f}", "goal >= 0.8"),

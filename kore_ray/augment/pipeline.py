@@ -1,11 +1,11 @@
 """KORE-AUGMENTATION as a pipeline: the Ray Data shell around the templates and the LLM client.
 
-The driver reads the items, builds their template conversations (cheap, pure), looks the
-LLM part up in the cache, and sends only the items not cached through a Ray Data
-`map_batches` over an autoscaling pool of async actors (`DialogueClient` in each). Results
-stream back to the driver, which writes each finished item's dialogues to the cache as it
-arrives, so an interrupted run loses only the items in flight, and the actors need no shared
-filesystem. Outputs, in `<run_dir>/augmented/`:
+The driver reads the items, looks their LLM part up in the cache, and sends only the items
+not cached through a Ray Data `map_batches` over an autoscaling pool of async actors (a
+`DialogueClient` in each). Results stream back to the driver, which caches each finished
+item's dialogues as it arrives (so an interrupted run loses only the items in flight, and the
+actors need no shared filesystem) and builds the item's tree with its template conversations
+while the other requests are in flight. Outputs, in `<run_dir>/augmented/` (a local path):
 
 - `conversations.parquet`: `Conversation` rows, every item's knowledge tree;
 - `failures.parquet`: one row per failed item and stage (knowledge_id, stage, error, attempts);
