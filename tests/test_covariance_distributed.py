@@ -7,6 +7,8 @@ only the float64 reduction order differs.
 
 import json
 import os
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +36,8 @@ from kore_ray.models.tiny import save_tiny_model, tiny_text_model
 
 pytestmark = pytest.mark.ray
 
-WORDS = "the a river old stone bright winter city music paper quiet lamp north garden".split()
+WORDS = ["the", "a", "river", "old", "stone", "bright", "winter", "city", "music", "paper",
+         "quiet", "lamp", "north", "garden"]
 
 
 def _probes(n: int, seed: int) -> list[dict]:
@@ -70,6 +73,18 @@ def _config(model_dir, retention, run_dir, **covariance):
     ])
 
 
+@contextmanager
+def _one_thread():
+    """Like each 1-CPU actor (Ray sets OMP_NUM_THREADS=1): other thread counts may round the
+    float32 forward differently (~1e-7), a kernel effect that is not the one under test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _reference(cfg):
     """The single-process store of cfg's data: the core on the same micro-batches."""
     model, tokenizer = load_model(cfg.model.name_or_path)
@@ -79,7 +94,8 @@ def _reference(cfg):
         text_inputs(tokenize_texts(tokenizer, [i.text for i in b], cov.max_length), tokenizer.pad_token_id)
         for b in batches
     )
-    return collect_covariance(model, inputs, find_target_groups(model), cov.normalize)
+    with _one_thread():
+        return collect_covariance(model, inputs, find_target_groups(model), cov.normalize)
 
 
 def _relative_error(a, b):
@@ -109,7 +125,7 @@ def one_actor_run(setup, ray_local):
 
 def test_one_and_two_actors_give_the_single_process_result(setup, reference, one_actor_run, ray_local):
     root, model_dir, retention = setup
-    cfg, one = one_actor_run
+    _, one = one_actor_run
     two = run_covariance(_config(model_dir, retention, root / "run2", num_actors=2), progress=False)
     _assert_same(one, reference)
     _assert_same(two, reference)
@@ -125,7 +141,7 @@ def test_one_and_two_actors_give_the_single_process_result(setup, reference, one
 
 
 def test_a_killed_actor_neither_loses_nor_double_counts(setup, reference, ray_local, tmp_path, monkeypatch):
-    root, model_dir, retention = setup
+    _, model_dir, retention = setup
     marker = tmp_path / "killed"
     victim = "s0-13"  # in some task other than the first to finish
 
@@ -156,26 +172,26 @@ def test_rerun_on_the_same_data_is_skipped(setup, one_actor_run, capsys):
 
 
 def test_new_data_adds_to_an_existing_store(setup, one_actor_run, ray_local, tmp_path):
-    root, model_dir, _ = setup
+    _, model_dir, _ = setup
     cfg_a, store_a = one_actor_run
-    old_dir = cfg_a.run_dir + "/covariance"
-    old_manifest = open(old_dir + "/manifest.json").read()
+    old_dir = Path(cfg_a.run_dir) / "covariance"
+    old_manifest = (old_dir / "manifest.json").read_text()
     more = tmp_path / "more.txt"  # plain text: one document per line
     more.write_text("Rivers run to the sea.\n\nThe old lamp stands in the garden.\nwinter\n")
     cfg_b = _config(model_dir, more, tmp_path / "run", num_actors=2)
 
-    store = run_covariance(cfg_b, add_to=old_dir, progress=False)
+    store = run_covariance(cfg_b, add_to=str(old_dir), progress=False)
 
     _assert_same(store, store_a + _reference(cfg_b))
     assert store.samples == store_a.samples + 3
     assert store.data_fingerprints[0] == store_a.data_fingerprints[0] and len(store.data_fingerprints) == 2
-    assert open(old_dir + "/manifest.json").read() == old_manifest  # the old store is untouched
+    assert (old_dir / "manifest.json").read_text() == old_manifest  # the old store is untouched
     with pytest.raises(InputError, match="already holds this retention data"):
         run_covariance(cfg_b, add_to=str(tmp_path / "run" / "covariance"), progress=False)
 
 
 def test_a_store_for_another_model_is_refused(setup, tmp_path):
-    root, model_dir, retention = setup
+    _, model_dir, retention = setup
     other, tokenizer = tiny_text_model("llama", seed=1)
     foreign = collect_covariance(other, [dict(tokenizer("hello", return_tensors="pt"))], find_target_groups(other))
     save_store(tmp_path / "foreign", foreign)
@@ -185,7 +201,7 @@ def test_a_store_for_another_model_is_refused(setup, tmp_path):
 
 
 def test_unusable_rows_are_named_before_any_work(setup, tmp_path):
-    root, model_dir, _ = setup
+    _, model_dir, _ = setup
     bad = _write_jsonl(tmp_path / "bad.jsonl", [
         {"id": "ok", "prompt": "The sky is", "answer": "blue"},
         {"id": "both", "prompt": "x", "question": "y", "answer": "z"},
@@ -229,6 +245,7 @@ def test_vlm_conversations_with_images(ray_local, tmp_path):
         for b in plan_batches(read_retention(retention, processor, vision=True), 2)
     ]
     assert all("pixel_values" in b for b in batches)
-    reference = collect_covariance(model, batches, find_target_groups(model))
+    with _one_thread():
+        reference = collect_covariance(model, batches, find_target_groups(model))
     _assert_same(store, reference)
     assert set(store.tokens.values()) == {sum(int(b["attention_mask"].sum()) for b in batches)}

@@ -24,6 +24,7 @@ task runs for minutes at scale (a 7B model's partial sums are ~11 GB per task).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -160,17 +161,21 @@ class CovarianceWorker:
 
 def partials_table(store: CovarianceStore, keys: Sequence[str]) -> pa.Table:
     """One row per group: its packed float64 sum, token count and the call's sequence count."""
-    packed = [pack_upper(store.sums[k].to("cpu")) for k in keys]
-    offsets = np.cumsum([0] + [len(p) for p in packed], dtype=np.int64)
+    sizes = [store.sums[k].shape[0] * (store.sums[k].shape[0] + 1) // 2 for k in keys]
+    offsets = np.cumsum([0, *sizes], dtype=np.int64)
+    values = np.empty(offsets[-1], dtype=np.float64)
+    for k, start, stop in zip(keys, offsets[:-1], offsets[1:]):
+        pack_upper(store.sums[k], out=values[start:stop])
     return pa.table({
         "group": pa.array(list(keys), pa.string()),
-        "sum": pa.LargeListArray.from_arrays(offsets, np.concatenate(packed)),
+        "sum": pa.LargeListArray.from_arrays(offsets, values),
         "tokens": pa.array([store.tokens[k] for k in keys], pa.int64()),
         "samples": pa.array([store.samples] * len(keys), pa.int64()),
     })
 
 
-def _batch_table(batches: Sequence[Sequence[RetentionItem]]) -> pa.Table:
+def batch_table(batches: Sequence[Sequence[RetentionItem]]) -> pa.Table:
+    """One row per micro-batch, so Ray Data can never split a micro-batch between tasks."""
     return pa.table({
         "ids": pa.array([[i.id for i in b] for b in batches], pa.list_(pa.string())),
         "texts": pa.array([[i.text for i in b] for b in batches], pa.list_(pa.string())),
@@ -263,9 +268,13 @@ def collect_distributed(
     context = DataContext.get_current()  # datasets copy it when created: set it first
     bars = context.enable_progress_bars
     context.enable_progress_bars = False  # ours reports tokens/s; Ray's would interleave
+    bar = _Progress(sum(len(b) for b in batches), progress)
     try:
-        sums, tokens, samples = _stream(batches, spec, tokenizer, cov, use_gpu, progress)
+        ds = covariance_dataset(batches, spec, tokenizer, cov, use_gpu)
+        outputs = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        sums, tokens, samples = reduce_partials(outputs, spec, bar)
     finally:
+        bar.close()
         context.enable_progress_bars = bars
     return CovarianceStore(
         sums={g.key: unpack_upper(sums[g.key], g.in_features) for g in spec.groups},
@@ -278,14 +287,24 @@ def collect_distributed(
     )
 
 
-def _stream(batches, spec: ModelSpec, tokenizer, cov: CovarianceConfig, use_gpu: bool, progress):
-    """Build the dataset (rows = micro-batches, blocks = tasks) and reduce its output stream."""
+def covariance_dataset(
+    batches: Sequence[Sequence[RetentionItem]],
+    spec: ModelSpec,
+    tokenizer,
+    cov: CovarianceConfig,
+    use_gpu: bool = False,
+):
+    """The Ray Dataset of partial sums: rows in are micro-batches, blocks in are tasks.
+
+    Each output row is one target group's packed partial sum from one actor call
+    (see partials_table); `reduce_partials` adds them up.
+    """
     import ray
     from ray.data import ActorPoolStrategy
 
     per_task = max(1, cov.sequences_per_task // cov.batch_size)  # micro-batches per task
     ds = ray.data.from_arrow(
-        [_batch_table(batches[i : i + per_task]) for i in range(0, len(batches), per_task)]
+        [batch_table(batches[i : i + per_task]) for i in range(0, len(batches), per_task)]
     )
     if not spec.vision:
         ds = ds.map_batches(
@@ -295,7 +314,7 @@ def _stream(batches, spec: ModelSpec, tokenizer, cov: CovarianceConfig, use_gpu:
             batch_format="pyarrow",
             compute=ActorPoolStrategy(min_size=1, max_size=cov.num_actors),
         )
-    ds = ds.map_batches(
+    return ds.map_batches(
         CovarianceWorker,
         fn_constructor_kwargs={
             "spec": spec,
@@ -308,11 +327,6 @@ def _stream(batches, spec: ModelSpec, tokenizer, cov: CovarianceConfig, use_gpu:
         compute=ActorPoolStrategy(size=cov.num_actors),
         num_gpus=1 if use_gpu else 0,
     )
-    bar = _Progress(sum(len(b) for b in batches), progress)
-    try:
-        return reduce_partials(ds.iter_batches(batch_size=None, batch_format="pyarrow"), spec, bar)
-    finally:
-        bar.close()
 
 
 def _already_done(directory: Path, spec: ModelSpec, normalize: str, wanted: tuple) -> bool:
@@ -342,7 +356,7 @@ def run_covariance(
     the result is that store plus this data (how a second injection keeps protecting the
     first); the old store is read, never modified. A store already in the run directory made
     from the same model, data and settings is returned without recomputing unless `force`.
-    Starts a local Ray unless one is running (or RAY_ADDRESS points at a cluster).
+    Uses the running Ray, else the cluster at RAY_ADDRESS, else starts a local one.
     """
     import ray
 
@@ -366,7 +380,10 @@ def run_covariance(
         return load_store(out_dir, expected_fingerprint=spec.fingerprint)
 
     if not ray.is_initialized():
-        ray.init()
+        if os.environ.get("RAY_ADDRESS"):  # set for `ray job submit` drivers
+            ray.init()
+        else:  # a local Ray: room for the tokeniser actor beside every model actor
+            ray.init(num_cpus=max(os.cpu_count() or 1, cov.num_actors + 1))
     start = time.perf_counter()
     batches = plan_batches(items, cov.batch_size)
     store = collect_distributed(batches, spec, tokenizer, cov, fingerprint, progress)

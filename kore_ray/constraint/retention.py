@@ -235,24 +235,30 @@ def vlm_inputs(
     return dict(enc)
 
 
-def pack_upper(matrix: torch.Tensor) -> np.ndarray:
+def pack_upper(matrix: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
     """The upper triangle of a symmetric d x d matrix, row by row (d(d+1)/2 values).
 
     Half the bytes of the full matrix through the object store; x x^T sums are symmetric
-    (and eigh reads one triangle anyway).
+    (and eigh reads one triangle anyway). `out` receives the values without another copy.
     """
-    m = matrix.numpy()
-    return np.concatenate([m[r, r:] for r in range(m.shape[0])])
+    m = matrix.detach().cpu().numpy()
+    d = m.shape[0]
+    if out is None:
+        out = np.empty(d * (d + 1) // 2, dtype=m.dtype)
+    start = 0
+    for r in range(d):  # one contiguous copy per row: faster than a boolean-mask gather
+        out[start : start + d - r] = m[r, r:]
+        start += d - r
+    return out
 
 
 def unpack_upper(packed: np.ndarray, d: int) -> torch.Tensor:
     """The symmetric d x d matrix whose upper triangle pack_upper returned."""
     if packed.shape != (d * (d + 1) // 2,):
         raise InputError(f"packed triangle of {packed.shape[0]} values does not fit d={d}")
-    out = np.zeros((d, d), dtype=packed.dtype)
+    out = np.empty((d, d), dtype=packed.dtype)
     start = 0
     for r in range(d):
-        out[r, r:] = packed[start : start + d - r]
+        out[r, r:] = out[r:, r] = packed[start : start + d - r]
         start += d - r
-    out += np.triu(out, 1).T
     return torch.from_numpy(out)
