@@ -33,6 +33,17 @@ def _config(args):
     return load_config(args.config, args.set)
 
 
+def _augment(args) -> int:
+    from kore_ray.augment import run_augment
+
+    summary = run_augment(_config(args))
+    print(
+        f"kore augment: {summary['conversations']} conversations from {summary['items']} items, "
+        f"{summary['failures']} failures recorded; outputs in {summary['outputs']['conversations']}"
+    )
+    return 0
+
+
 def _init(args) -> int:
     from kore_ray.constraint.stage import run_init
 
@@ -71,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    handlers = {"init": _init}
+    handlers = {"augment": _augment, "init": _init}
     parsers = {
         name: add(name, help_, handlers.get(name) or _not_yet(name, issue))
         for name, (help_, issue) in STAGES.items()
