@@ -108,12 +108,29 @@ class TrainConfig(_Section):
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: PositiveInt = 8000
-    max_lora_rank: PositiveInt = 256
-    max_loras: PositiveInt = 4
+    # Adapters to serve, one subdirectory each (the name is the request's model): a directory
+    # or an object-store prefix; None: <run_dir>/adapter, where `kore export` writes them.
+    adapters: str | None = None
+    served_model_name: str | None = None  # the base model's name in requests; None: model.name_or_path
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 256  # vLLM's allowed values
+    max_loras: PositiveInt = 4  # adapters in one batch
+    max_cpu_loras: PositiveInt | None = None  # adapters kept loaded; None: max_loras
+    max_model_len: PositiveInt | None = None  # None: the model's own context length
+    kv_cache_gib: float | None = Field(2.0, gt=0)  # None: vLLM's default (GPU memory fraction)
+    adapter_rescan_s: float = Field(10.0, ge=0)  # a request rescans adapters at most this often
+    num_cpus: float = Field(1.0, ge=0)  # Ray's accounting per replica; vLLM's threads use the node
+    use_gpu: bool = False  # one GPU per replica (the `gpu` extra's vLLM)
     min_replicas: PositiveInt = 1
     max_replicas: PositiveInt = 1
-    max_ongoing_requests: PositiveInt = 32
-    auth_token_env: str | None = None
+    max_ongoing_requests: PositiveInt = 32  # per replica; more wait in Serve's queue
+    target_ongoing_requests: PositiveInt = 16  # autoscaling adds replicas above this per replica
+    auth_token_env: str | None = None  # bearer token read from this variable; None: no auth
+
+    @model_validator(mode="after")
+    def _replicas(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
 
 
 class EvaluateConfig(_Section):

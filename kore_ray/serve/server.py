@@ -1,0 +1,280 @@
+"""The Ray Serve shell: one deployment whose replicas each hold a FastAPI ingress, a vLLM engine
+(AsyncLLM, multi-LoRA) and an adapter registry.
+
+Why not ray.serve.llm: its LLMConfig loads adapters only from cloud URIs
+(`dynamic_lora_loading_path` refuses local directories, which `kore export` writes), and it
+would hand adapters to vLLM unchecked; a bad adapter must be refused, not take a replica down.
+The engine lives in the ingress replica, so autoscaling the deployment scales engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from kore_ray.config import PipelineConfig, ServeConfig
+from kore_ray.errors import InputError
+from kore_ray.serve.adapters import AdapterError, AdapterRegistry, check_name, is_uri
+from kore_ray.serve.prompts import chat_prompt
+from kore_ray.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_response,
+    check_auth,
+    completion_response,
+    models_response,
+    parse_request,
+    sampling_kwargs,
+    token_digest,
+)
+
+log = logging.getLogger(__name__)
+
+APP = "kore"
+api = FastAPI(title="kore-ray", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_request: Request, e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@dataclass(frozen=True)
+class ReplicaArgs:
+    """What a replica needs, resolved in the driver (a replica's working directory is not ours)."""
+
+    model: str  # embedded name, object-store URI or absolute path
+    name: str  # the base model's name in requests
+    adapters: str  # object-store prefix or absolute path
+    dtype: str
+    serve: ServeConfig
+    token_sha256: str | None
+
+
+def replica_args(cfg: PipelineConfig) -> ReplicaArgs:
+    from kore_ray.models.loading import EMBEDDED
+
+    def absolute(spec: str) -> str:
+        return spec if spec in EMBEDDED or is_uri(spec) else str(
+            Path(spec.removeprefix("file://")).expanduser().resolve())
+
+    s = cfg.serve
+    digest = None
+    if s.auth_token_env:
+        token = os.environ.get(s.auth_token_env, "").strip()
+        if not token:
+            raise InputError(f"serve.auth_token_env names ${s.auth_token_env}, which is not set: "
+                             "refusing to serve without the configured authentication")
+        digest = token_digest(token)
+    return ReplicaArgs(
+        model=absolute(cfg.model.name_or_path),
+        name=s.served_model_name or cfg.model.name_or_path,
+        adapters=absolute(s.adapters or str(Path(cfg.run_dir) / "adapter")),
+        dtype=cfg.model.dtype, serve=s, token_sha256=digest,
+    )
+
+
+@serve.deployment(name="KoreLLM", health_check_period_s=30, health_check_timeout_s=60)
+@serve.ingress(api)
+class KoreLLM:
+    def __init__(self, args: ReplicaArgs):
+        from transformers import AutoConfig, AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from kore_ray.models.loading import is_vision_language, resolve_model_path
+        from kore_ray.serve.adapters import base_linear_shapes
+
+        s = self.settings = args.serve
+        self.name, self.token_sha256 = args.name, args.token_sha256
+        model_dir = resolve_model_path(args.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.accepts_images = is_vision_language(AutoConfig.from_pretrained(model_dir))
+        self.registry = AdapterRegistry(args.adapters, base_linear_shapes(model_dir),
+                                        s.max_lora_rank, reserved=(self.name,))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            model=str(model_dir), served_model_name=self.name, dtype=args.dtype,
+            max_model_len=s.max_model_len, enable_lora=True, max_lora_rank=s.max_lora_rank,
+            max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras,
+            kv_cache_memory_bytes=None if s.kv_cache_gib is None else int(s.kv_cache_gib * 2**30),
+            disable_log_stats=True,
+        ))
+        self.started = int(time.time())
+        self._lock = asyncio.Lock()
+        self._scanned = float("-inf")
+
+    def __del__(self):
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
+
+    async def check_health(self):
+        await self.engine.check_health()  # raises once the engine is dead: Serve replaces us
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        check_auth(request.headers.get("authorization"), self.token_sha256)
+        await self._refresh()
+        return models_response(self.name, [a.name for a in self.registry.served()], self.started)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> dict:
+        check_auth(request.headers.get("authorization"), self.token_sha256)
+        req = parse_request(CompletionRequest, await request.body())
+        lora, params = await self._lora(req.model), self._params(req)
+        outputs = await asyncio.gather(*(self._generate(p, params, lora) for p in req.prompts()))
+        return completion_response(req.model, outputs)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> dict:
+        check_auth(request.headers.get("authorization"), self.token_sha256)
+        req = parse_request(ChatCompletionRequest, await request.body())
+        lora, params = await self._lora(req.model), self._params(req)
+        prompt = chat_prompt(self.tokenizer, req.messages, self.accepts_images)
+        # The rendered chat already holds the template's BOS.
+        output = await self._generate(prompt, params, lora, {"add_special_tokens": False})
+        return chat_response(req.model, output)
+
+    async def _refresh(self) -> None:
+        asked = time.monotonic()
+        async with self._lock:
+            if self._scanned >= asked:  # a scan that began after we asked has just finished
+                return
+            self._scanned = time.monotonic()
+            found = await asyncio.to_thread(self.registry.scan)  # an object store is slow
+            await self.registry.refresh(self._load, self._unload, found)
+
+    async def _load(self, adapter) -> None:
+        if not await self.engine.add_lora(self._lora_request(adapter)):
+            raise AdapterError("the engine did not load it")
+
+    async def _unload(self, adapter) -> None:
+        await self.engine.remove_lora(adapter.lora_id)
+
+    @staticmethod
+    def _lora_request(adapter):
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(adapter.name, adapter.lora_id, str(adapter.path))
+
+    async def _lora(self, model: str):
+        """The LoRARequest for a request's model (None: the base); rescans for unknown names."""
+        if model == self.name:
+            return None
+        try:
+            check_name(model)
+        except AdapterError as e:
+            raise APIError(400, str(e), param="model", code="invalid_model") from None
+        adapter = self.registry.get(model)
+        if adapter is None or time.monotonic() - self._scanned > self.settings.adapter_rescan_s:
+            await self._refresh()
+            adapter = self.registry.get(model)
+        if adapter is None:
+            raise APIError(404, f"model {model!r} not found: it is neither the base model "
+                                f"({self.name!r}) nor an adapter", param="model",
+                           code="model_not_found")
+        if adapter.error is not None:
+            raise APIError(400, f"adapter {model!r} cannot be served: {adapter.error}",
+                           param="model", code="invalid_adapter")
+        return self._lora_request(adapter)
+
+    @staticmethod
+    def _params(req):
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        kwargs = sampling_kwargs(req)
+        if "structured_outputs" in kwargs:
+            kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
+        try:
+            return SamplingParams(**kwargs)
+        except ValueError as e:
+            raise APIError(400, f"invalid sampling settings: {e}") from None
+
+    async def _generate(self, prompt: dict, params, lora, tokenization_kwargs=None):
+        """The finished RequestOutput; the engine's refusals of a request are 4xx."""
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        final = None
+        try:
+            async for out in self.engine.generate(
+                prompt, params, uuid.uuid4().hex, lora_request=lora,
+                tokenization_kwargs=tokenization_kwargs,
+            ):
+                final = out
+        except GracefulHTTPError as e:
+            raise APIError(int(e.http_status), str(e)) from None
+        except (VLLMClientError, ValueError) as e:  # prompt too long, token id out of range, ...
+            raise APIError(400, str(e)) from None
+        except EngineDeadError:
+            raise APIError(503, "the engine of this replica died; retry (Serve replaces it)") from None
+        return final
+
+
+def build_app(cfg: PipelineConfig):
+    """The Serve application for `cfg` (autoscaling and replica resources from cfg.serve)."""
+    s = cfg.serve
+    return KoreLLM.options(
+        max_ongoing_requests=s.max_ongoing_requests,
+        autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                            "target_ongoing_requests": s.target_ongoing_requests},
+        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": 1 if s.use_gpu else 0},
+    ).bind(replica_args(cfg))
+
+
+def base_url(cfg: PipelineConfig) -> str:
+    """The OpenAI client's base_url for the app (a wildcard bind is reached on loopback)."""
+    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    return f"http://{host}:{cfg.serve.port}/v1"
+
+
+def run_serve(cfg: PipelineConfig, blocking: bool = True) -> str:
+    """Start the app on Ray (a local Ray unless one is running) and return its base URL.
+
+    Returns once every replica's engine is up. blocking=True then serves until Ctrl-C and shuts
+    Serve down. A Serve instance that is already running keeps its own host and port.
+    """
+    app = build_app(cfg)  # refuses a missing auth token before anything starts
+    if not ray.is_initialized():
+        ray.init()
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(app, name=APP, route_prefix="/")
+    url = base_url(cfg)
+    if blocking:
+        print(f"kore serve: OpenAI API at {url} (models: GET {url}/models); Ctrl-C stops it")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return url
+
+
+@contextmanager
+def serving(cfg: PipelineConfig) -> Iterator[str]:
+    """`with serving(cfg) as base_url:` the app runs inside the block, on the local Ray.
+
+    Shuts Serve down afterwards if it started it here, else removes only this app.
+    """
+    was_running = ray.is_initialized() and bool(serve.status().proxies)
+    url = run_serve(cfg, blocking=False)
+    try:
+        yield url
+    finally:
+        if was_running:
+            serve.delete(APP)
+        else:
+            serve.shutdown()
