@@ -80,8 +80,8 @@ class Received:
 
     @property
     def text(self) -> str:
-        """All message text of the request, for matching."""
-        return json.dumps(self.body.get("messages", []), ensure_ascii=False)
+        """All message (or completion prompt) text of the request, for matching."""
+        return json.dumps(self.body.get("messages", self.body.get("prompt", [])), ensure_ascii=False)
 
 
 def words(text: str) -> int:
@@ -165,6 +165,14 @@ class OpenAIStub:
         if content is None:
             content = self.responder(body)
         prompt = sum(words(str(m.get("content", ""))) for m in body.get("messages", []))
+        if "prompt" in body:  # /v1/completions
+            return web.json_response({
+                "id": f"cmpl-{len(self.requests)}", "object": "text_completion",
+                "created": int(time.time()), "model": body.get("model", "stub"),
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None, "text": content}],
+                "usage": {"prompt_tokens": words(str(body["prompt"])), "completion_tokens": words(content),
+                          "total_tokens": words(str(body["prompt"])) + words(content)},
+            })
         return web.json_response({
             "id": f"chatcmpl-{len(self.requests)}",
             "object": "chat.completion",
@@ -186,6 +194,7 @@ class OpenAIStub:
         self._gate = asyncio.Semaphore(self.max_in_flight) if self.max_in_flight else nullcontext()
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()

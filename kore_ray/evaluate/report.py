@@ -1,0 +1,76 @@
+"""eval/: results.json (the numbers), report.md (a table a person reads), adaptation_retention.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Adaptation (x) against retention (y), one point per method: up and right is better."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    points = {"base": results["base"], **results["methods"]}
+    for name, r in points.items():
+        ax.scatter(r["adaptation_cem"], r["retention"], s=60, marker="s" if name == "base" else "o")
+        ax.annotate(name, (r["adaptation_cem"], r["retention"]), textcoords="offset points", xytext=(6, 4))
+    ax.set(xlim=(-0.05, 1.05), ylim=(-0.05, 1.05), xlabel="adaptation (CEM on new knowledge)",
+           ylabel="retention (old facts kept)", title="Knowledge injection: adaptation vs retention")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def markdown(results: dict) -> str:
+    rows = ["| method | adaptation CEM | adaptation F1 | retention | correct / questions | kept / known | failed requests |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in {"base": results["base"], **results["methods"]}.items():
+        c = r["counts"]
+        rows.append(f"| {name} | {r['adaptation_cem']:.3f} | {r['adaptation_f1']:.3f} | {r['retention']:.3f} "
+                    f"| {c['questions_correct']} / {c['questions']} | {c['retention_kept']} / {c['retention_known']} "
+                    f"| {c['failed_requests']} |")
+    kinds = sorted({k for r in results["methods"].values() for k in r["adaptation_cem_by_kind"]})
+    by_kind = ["| method | " + " | ".join(kinds) + " |", "|" + " --- |" * (len(kinds) + 1)]
+    for name, r in results["methods"].items():
+        by_kind.append(f"| {name} | " + " | ".join(f"{r['adaptation_cem_by_kind'].get(k, 0):.3f}" for k in kinds) + " |")
+    settings = results.get("settings", {})
+    return "\n".join([
+        "# kore-ray evaluation", "",
+        f"Base model: `{settings.get('model', '?')}`. Retention is measured on the "
+        f"{results['base']['counts']['retention_known']} of {results['retention_probes']} probes the base model "
+        "answered correctly before injection. Adaptation: EVOKE's CEM (the gold answer is contained in the "
+        "answer) and token F1 on held-out paraphrased questions.", "",
+        *rows, "", "Adaptation CEM by knowledge kind:", "", *by_kind, "",
+        "![adaptation vs retention](adaptation_retention.png)", "",
+        "Settings: `" + json.dumps(settings, sort_keys=True) + "`", "",
+    ])
+
+
+def write_report(results: dict, eval_dir: str | Path) -> dict[str, Path]:
+    eval_dir = Path(eval_dir)
+    paths = {"results": eval_dir / "results.json", "report": eval_dir / "report.md",
+             "plot": eval_dir / "adaptation_retention.png"}
+    plot(results, paths["plot"])
+    _write_atomic(paths["results"], json.dumps(results, indent=2, sort_keys=True).encode())
+    _write_atomic(paths["report"], markdown(results).encode())
+    return paths
