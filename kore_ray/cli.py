@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from typing import get_args
+
+from kore_ray.config import Method
 from kore_ray.errors import KoreError
+
+METHODS = get_args(Method)
 
 STAGES = {
     "augment": ("Turn knowledge items into training conversations (KORE-AUGMENTATION).", 5),
@@ -44,12 +49,52 @@ def _augment(args) -> int:
     return 0
 
 
+def _covariance(args) -> int:
+    from kore_ray.constraint.distributed import run_covariance
+
+    run_covariance(_config(args), add_to=args.add_to, force=args.force)
+    return 0
+
+
 def _init(args) -> int:
     from kore_ray.constraint.stage import run_init
 
     cfg = _config(args)
     for method in args.method or [cfg.init.method]:
-        run_init(cfg, method, force=args.force)
+        run_init(cfg.for_method(method), method, force=args.force)
+    return 0
+
+
+def _train(args) -> int:
+    from kore_ray.train.trainer import run_train
+
+    cfg = _config(args)
+    for method in args.method or [cfg.init.method]:
+        run_train(cfg.for_method(method), method)
+    return 0
+
+
+def _serve(args) -> int:
+    from kore_ray.serve.server import run_serve
+
+    run_serve(_config(args), blocking=True)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from kore_ray.evaluate.stage import run_evaluate
+
+    run_evaluate(_config(args), args.method, base_url=args.base_url)
+    return 0
+
+
+def _inject(args) -> int:
+    from kore_ray.config import load_config
+    from kore_ray.pipeline import run_inject
+
+    if args.config_file and args.config:
+        raise KoreError("give the config once: `kore inject CONFIG` or `--config CONFIG`")
+    run_inject(load_config(args.config_file or args.config, args.set), args.method)
     return 0
 
 
@@ -82,16 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    handlers = {"augment": _augment, "init": _init}
+    handlers = {"augment": _augment, "covariance": _covariance, "init": _init, "train": _train,
+                "serve": _serve, "evaluate": _evaluate, "inject": _inject}
     parsers = {
         name: add(name, help_, handlers.get(name) or _not_yet(name, issue))
         for name, (help_, issue) in STAGES.items()
     }
-    parsers["init"].add_argument(
-        "--method", action="append", choices=["kore", "kore-v1", "lora", "corda", "full"],
-        help="initialise this method instead of init.method (repeatable)",
-    )
-    parsers["init"].add_argument("--force", action="store_true", help="redo an up-to-date init")
+    for name, what in [("init", "initialise"), ("train", "train"), ("evaluate", "evaluate"),
+                       ("inject", "run")]:
+        parsers[name].add_argument(
+            "--method", action="append", choices=list(METHODS),
+            help=f"{what} this method (repeatable; default from the config)",
+        )
+    for name in ("covariance", "init"):
+        parsers[name].add_argument("--force", action="store_true", help="redo up-to-date work")
+    parsers["covariance"].add_argument(
+        "--add-to", metavar="STORE", help="add this data to an existing store of the same model")
+    parsers["evaluate"].add_argument(
+        "--base-url", help="an endpoint already serving this run's adapters (default: start one)")
+    parsers["inject"].add_argument("config_file", nargs="?", metavar="CONFIG", help="pipeline config")
     add("demo", "The whole pipeline on the embedded default (Gemma 3 270M, local Ray).", _demo)
     v = sub.add_parser(
         "validate", help="Check an input file against its schema; lists every bad row.",

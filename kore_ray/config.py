@@ -148,6 +148,31 @@ class PipelineConfig(_Section):
     train: TrainConfig = TrainConfig()
     serve: ServeConfig = ServeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    # Per-method overrides of any section, e.g. {lora: {train: {learning_rate: 1e-4}}}: methods
+    # are compared at their own best settings (the adaptation/retention frontier), not one shared.
+    methods: dict[Method, dict] = {}
+
+    def for_method(self, method: str) -> PipelineConfig:
+        """This config with `methods[method]`'s overrides applied (and validated)."""
+        overrides = self.methods.get(method)
+        if not overrides:
+            return self
+        tree = self.model_dump()
+        _deep_merge(tree, overrides, path=f"methods.{method}")
+        try:
+            return PipelineConfig.model_validate(tree)
+        except ValidationError as e:
+            raise InputError(f"methods.{method}: invalid override: {e}") from e
+
+
+def _deep_merge(tree: dict, overrides: dict, path: str) -> None:
+    for key, value in overrides.items():
+        if key == "methods":
+            raise InputError(f"{path}: a method's overrides cannot set methods")
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _deep_merge(tree[key], value, f"{path}.{key}")
+        else:
+            tree[key] = value
 
 
 def _apply_override(tree: dict, dotted: str) -> None:

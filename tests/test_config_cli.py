@@ -88,3 +88,13 @@ def test_validate_good_file_detects_kind(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kore_ray.cli", "validate", str(good)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "retention" in proc.stdout
+
+
+def test_per_method_overrides():
+    cfg = load_config(overrides=["methods={lora: {train: {learning_rate: 1e-4}}, kore: {init: {rank: 32}}}"])
+    assert cfg.for_method("lora").train.learning_rate == 1e-4
+    assert cfg.for_method("lora").init.rank == cfg.init.rank
+    assert cfg.for_method("kore").init.rank == 32 and cfg.for_method("corda") is cfg
+    bad = load_config(overrides=["methods={lora: {train: {learning_rate: -1}}}"])
+    with pytest.raises(InputError, match="methods.lora"):
+        bad.for_method("lora")

@@ -1,0 +1,77 @@
+"""`kore evaluate`: serve the base model and every method's adapter, ask, score, report.
+
+Everything goes through the served OpenAI endpoint (vLLM multi-LoRA on Ray Serve), as a
+user of the updated model would reach it: new-knowledge questions as chat, completion probes
+as completions, all greedy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from kore_ray.config import PipelineConfig
+from kore_ray.constraint.stage import adapter_dir
+from kore_ray.data.io import read_records
+from kore_ray.data.schemas import EvalQuestion, KnowledgeItem, RetentionProbe
+from kore_ray.errors import InputError
+from kore_ray.evaluate.ask import ask
+from kore_ray.evaluate.report import write_report
+from kore_ray.evaluate.score import score_all
+
+
+def _chat(question: str) -> str:
+    return json.dumps([{"role": "user", "content": question}])
+
+
+def build_requests(models: list[str], questions: list[EvalQuestion],
+                   probes: list[RetentionProbe]) -> list[dict]:
+    rows = []
+    for model in models:
+        rows += [{"id": q.id, "model": model, "kind": "chat", "prompt": _chat(q.question)} for q in questions]
+        rows += [{"id": p.id, "model": model, "kind": "completion", "prompt": p.prompt} if p.prompt
+                 else {"id": p.id, "model": model, "kind": "chat", "prompt": _chat(p.question)}
+                 for p in probes]
+    return rows
+
+
+def run_evaluate(cfg: PipelineConfig, methods: list[str] | None = None, base_url: str | None = None,
+                 progress: bool = True) -> dict:
+    """Score the base and each method; write <run_dir>/eval/. Starts the Serve app unless
+    `base_url` names one already serving this run's adapters."""
+    from kore_ray.serve.server import serving
+
+    methods = [m for m in (methods or cfg.evaluate.methods)]
+    if "full" in methods:  # a full fine-tune is a whole model, not an adapter on the base
+        print("kore evaluate: 'full' is not served as an adapter; evaluate its model directory separately")
+        methods.remove("full")
+    missing = [m for m in methods if not (adapter_dir(cfg.run_dir, m) / "adapter_config.json").is_file()]
+    if missing:
+        raise InputError(f"no trained adapter for {missing} in {Path(cfg.run_dir) / 'adapter'} (run `kore train`)")
+    if not (cfg.data.eval_questions and cfg.data.retention_eval and cfg.data.knowledge):
+        raise InputError("evaluation needs data.knowledge, data.eval_questions and data.retention_eval")
+    items = read_records(cfg.data.knowledge, KnowledgeItem)
+    questions = read_records(cfg.data.eval_questions, EvalQuestion)
+    probes = read_records(cfg.data.retention_eval, RetentionProbe)
+    base = cfg.serve.served_model_name or cfg.model.name_or_path
+    requests = build_requests([base, *methods], questions, probes)
+    key = os.environ.get(cfg.serve.auth_token_env, "EMPTY") if cfg.serve.auth_token_env else "EMPTY"
+
+    def run(url: str) -> dict:
+        return ask(requests, url, api_key=key, max_tokens=cfg.evaluate.max_new_tokens, progress=progress)
+
+    if base_url:
+        predictions = run(base_url)
+    else:
+        with serving(cfg) as url:
+            predictions = run(url)
+    results = score_all(predictions, base, {m: m for m in methods}, questions, probes, items)
+    results["settings"] = {"model": cfg.model.name_or_path, "methods": methods,
+                           "max_new_tokens": cfg.evaluate.max_new_tokens}
+    paths = write_report(results, Path(cfg.run_dir) / "eval")
+    for name, r in {"base": results["base"], **results["methods"]}.items():
+        print(f"  {name:8s} adaptation CEM {r['adaptation_cem']:.3f}  F1 {r['adaptation_f1']:.3f}  "
+              f"retention {r['retention']:.3f}")
+    print(f"kore evaluate: report at {paths['report']}")
+    return results
