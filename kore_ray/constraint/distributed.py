@@ -13,10 +13,16 @@ Shape of the job (a thin shell around the core's `collect_covariance`):
         the store atomically.
 
 Exactness: the micro-batches are fixed by the driver, so every actor count runs the same
-float32 forward passes and only the float64 reduction order changes (relative error ~1e-16).
-Fault tolerance: a Ray Data task's output reaches the driver only from a finished call, and
-Ray Data's actor pool restarts dead actors and re-runs their unfinished tasks (max_restarts=-1,
-max_task_retries=-1 by default), so a killed actor neither loses nor double-counts data.
+float32 forward passes and only the float64 reduction order changes (relative error ~1e-16),
+given the same kernels: same device type and thread count (a 1-CPU actor runs one thread;
+more threads round float32 matmuls differently, ~1e-7 on Gemma 3 270M).
+Fault tolerance: an actor's call returns its partial sums only when it has finished, and Ray
+Data's actor pool restarts dead actors and re-runs their unfinished tasks (max_restarts=-1,
+max_task_retries=-1 by default), so a killed actor neither loses nor double-counts data. Each
+input block is one task's micro-batches, so a task is normally one call; where Ray splits a
+task into several calls, a retry replays them in the same order and Ray keeps the outputs
+it already had (streaming-generator replay), which is exact because each call's output
+depends only on its input.
 
 Object-store traffic is one d x d triangle per group per task: size `sequences_per_task` so a
 task runs for minutes at scale (a 7B Llama's packed partial sums are ~22 GB per task).
