@@ -115,6 +115,9 @@ def test_completion_choices_are_numbered_prompt_major():
     body = completion_response("m", [out("a", "bb"), out("c", "d")])
     assert [(c["index"], c["text"]) for c in body["choices"]] == [(0, "a"), (1, "bb"), (2, "c"), (3, "d")]
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+    assert "token_ids" not in body["choices"][0]
+    body = completion_response("m", [out("a", "bb")], token_ids=True)
+    assert [c["token_ids"] for c in body["choices"]] == [[9], [9, 9]]
 
 
 def test_bearer_auth():

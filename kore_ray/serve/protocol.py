@@ -62,6 +62,7 @@ class _Request(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: Literal[False] = False  # streaming is not implemented: refused rather than ignored
     user: str | None = None  # accepted for compatibility; unused
+    return_token_ids: bool = False  # vLLM's extension: each choice's generated token ids
 
 
 class CompletionRequest(_Request):
@@ -171,12 +172,18 @@ def _usage(outputs) -> dict:
             "total_tokens": prompt + completion}
 
 
-def completion_response(model: str, outputs) -> dict:
+def _token_ids(choice: dict, completion, wanted: bool) -> dict:
+    if wanted:
+        choice["token_ids"] = list(completion.token_ids)
+    return choice
+
+
+def completion_response(model: str, outputs, token_ids: bool = False) -> dict:
     """OpenAI's text_completion body from vLLM RequestOutputs, one per prompt, in prompt order;
     choice index = prompt index * n + sample index, as OpenAI numbers them."""
     choices = [
-        {"index": i * len(o.outputs) + j, "text": c.text, "logprobs": None,
-         "finish_reason": c.finish_reason}
+        _token_ids({"index": i * len(o.outputs) + j, "text": c.text, "logprobs": None,
+                    "finish_reason": c.finish_reason}, c, token_ids)
         for i, o in enumerate(outputs) for j, c in enumerate(o.outputs)
     ]
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
@@ -184,10 +191,10 @@ def completion_response(model: str, outputs) -> dict:
             "usage": _usage(outputs)}
 
 
-def chat_response(model: str, output) -> dict:
+def chat_response(model: str, output, token_ids: bool = False) -> dict:
     choices = [
-        {"index": j, "message": {"role": "assistant", "content": c.text},
-         "logprobs": None, "finish_reason": c.finish_reason}
+        _token_ids({"index": j, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": None, "finish_reason": c.finish_reason}, c, token_ids)
         for j, c in enumerate(output.outputs)
     ]
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",

@@ -135,7 +135,7 @@ class KoreLLM:
         req = parse_request(CompletionRequest, await request.body())
         lora, params = await self._lora(req.model), self._params(req)
         outputs = await asyncio.gather(*(self._generate(p, params, lora) for p in req.prompts()))
-        return completion_response(req.model, outputs)
+        return completion_response(req.model, outputs, req.return_token_ids)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> dict:
@@ -145,7 +145,7 @@ class KoreLLM:
         prompt = chat_prompt(self.tokenizer, req.messages, self.accepts_images)
         # The rendered chat already holds the template's BOS.
         output = await self._generate(prompt, params, lora, {"add_special_tokens": False})
-        return chat_response(req.model, output)
+        return chat_response(req.model, output, req.return_token_ids)
 
     async def _refresh(self) -> None:
         asked = time.monotonic()
