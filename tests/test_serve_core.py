@@ -43,6 +43,7 @@ from kore_ray.serve.protocol import (
 )
 
 Q, V = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
+P = "base_model.model."  # PEFT's prefix of saved LoRA weights
 
 
 def _parse(model, body):
@@ -98,12 +99,14 @@ def test_sampling_settings():
     assert kw["temperature"] == 0 and kw["max_tokens"] == 16 and kw["stop"] == "\n"
     assert "structured_outputs" not in kw
     chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
-    assert sampling_kwargs(_parse(ChatCompletionRequest, chat))["max_tokens"] is None  # to the context end
+    # chat's default: up to the end of the context
+    assert sampling_kwargs(_parse(ChatCompletionRequest, chat))["max_tokens"] is None
     kw = sampling_kwargs(_parse(ChatCompletionRequest, {
         **chat, "max_tokens": 5, "max_completion_tokens": 7,
         "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}}))
     assert kw["max_tokens"] == 7 and kw["structured_outputs"] == {"json": {"type": "object"}}
-    kw = sampling_kwargs(_parse(ChatCompletionRequest, {**chat, "response_format": {"type": "json_object"}}))
+    kw = sampling_kwargs(_parse(ChatCompletionRequest,
+                                {**chat, "response_format": {"type": "json_object"}}))
     assert kw["structured_outputs"] == {"json_object": True}
 
 
@@ -113,7 +116,8 @@ def test_completion_choices_are_numbered_prompt_major():
             SimpleNamespace(text=t, token_ids=[9] * len(t), finish_reason="length") for t in texts])
 
     body = completion_response("m", [out("a", "bb"), out("c", "d")])
-    assert [(c["index"], c["text"]) for c in body["choices"]] == [(0, "a"), (1, "bb"), (2, "c"), (3, "d")]
+    numbered = [(c["index"], c["text"]) for c in body["choices"]]
+    assert numbered == [(0, "a"), (1, "bb"), (2, "c"), (3, "d")]
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
     assert "token_ids" not in body["choices"][0]
     body = completion_response("m", [out("a", "bb")], token_ids=True)
@@ -192,8 +196,8 @@ def write_adapter(path, shapes, rank=4, modules=(Q, V), config=None, tensors=Non
         tensors = {}
         for m in modules:
             d_out, d_in = shapes[m]
-            tensors[f"base_model.model.{m}.lora_A.weight"] = torch.randn(rank, d_in)
-            tensors[f"base_model.model.{m}.lora_B.weight"] = torch.randn(d_out, rank)
+            tensors[f"{P}{m}.lora_A.weight"] = torch.randn(rank, d_in)
+            tensors[f"{P}{m}.lora_B.weight"] = torch.randn(d_out, rank)
     save_file(tensors, str(path / "adapter_model.safetensors"))
     cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(modules),
            "bias": "none", **(config or {})}
@@ -225,15 +229,16 @@ def test_bad_adapters_are_refused_with_the_reason(shapes, tmp_path, case, messag
     elif case == "pattern":  # a config rank within bounds, the tensors' rank above them
         write_adapter(path, shapes, rank=16, config={"r": 4, "lora_alpha": 4})
     elif case == "shape":
-        write_adapter(path, shapes, tensors={f"base_model.model.{Q}.lora_A.weight": torch.zeros(4, d_in + 1),
-                                             f"base_model.model.{Q}.lora_B.weight": torch.zeros(d_out, 4)})
+        write_adapter(path, shapes, tensors={f"{P}{Q}.lora_A.weight": torch.zeros(4, d_in + 1),
+                                             f"{P}{Q}.lora_B.weight": torch.zeros(d_out, 4)})
     elif case == "module":
-        write_adapter(path, shapes, tensors={"base_model.model.model.layers.9.q_proj.lora_A.weight": torch.zeros(4, 8),
-                                             "base_model.model.model.layers.9.q_proj.lora_B.weight": torch.zeros(8, 4)})
+        nine = "model.layers.9.self_attn.q_proj"  # the tiny model has 2 layers
+        write_adapter(path, shapes, tensors={f"{P}{nine}.lora_A.weight": torch.zeros(4, 8),
+                                             f"{P}{nine}.lora_B.weight": torch.zeros(8, 4)})
     elif case == "half":
-        write_adapter(path, shapes, tensors={f"base_model.model.{Q}.lora_A.weight": torch.zeros(4, d_in)})
+        write_adapter(path, shapes, tensors={f"{P}{Q}.lora_A.weight": torch.zeros(4, d_in)})
     elif case == "tensor":
-        write_adapter(path, shapes, tensors={"base_model.model.lm_head.weight": torch.zeros(2, 2)})
+        write_adapter(path, shapes, tensors={f"{P}lm_head.weight": torch.zeros(2, 2)})
     elif case == "dora":
         write_adapter(path, shapes, config={"use_dora": True})
     elif case == "no_config":
@@ -253,7 +258,7 @@ def test_bad_adapters_are_refused_with_the_reason(shapes, tmp_path, case, messag
 # --- the registry -----------------------------------------------------------------------------
 
 class FakeEngine:
-    """Stands in for vLLM's add_lora/remove_lora; `refuse` makes add_lora fail like vLLM does."""
+    """Stands in for vLLM's add_lora; `refuse` makes it fail as vLLM does."""
 
     def __init__(self):
         self.loaded, self.refuse = {}, set()
@@ -263,12 +268,9 @@ class FakeEngine:
             raise RuntimeError("Call to add_lora method failed: unsupported module")
         self.loaded[adapter.lora_id] = adapter.name
 
-    async def unload(self, adapter):
-        del self.loaded[adapter.lora_id]
-
 
 def _refresh(registry, engine):
-    asyncio.run(registry.refresh(engine.load, engine.unload))
+    asyncio.run(registry.refresh(engine.load))
 
 
 def test_registry_follows_the_directory(shapes, tmp_path):
@@ -292,16 +294,17 @@ def test_registry_follows_the_directory(shapes, tmp_path):
     assert registry.get("a").lora_id == first  # unchanged: not reloaded
 
     shutil.rmtree(root / "a")
-    write_adapter(root / "a", shapes, rank=2)  # rewritten in place: a new vLLM id, the old one dropped
+    write_adapter(root / "a", shapes, rank=2)  # rewritten: a new vLLM id, so vLLM loads it anew
     shutil.rmtree(root / "big")
     write_adapter(root / "big", shapes, rank=8)  # fixed: now served
     _refresh(registry, engine)
-    assert registry.get("a").lora_id != first and first not in engine.loaded
-    assert sorted(engine.loaded.values()) == ["a", "big"]
+    second = registry.get("a").lora_id
+    assert second != first and engine.loaded[second] == "a"
+    assert engine.loaded[registry.get("big").lora_id] == "big"
 
     shutil.rmtree(root / "a")
     _refresh(registry, engine)
-    assert registry.get("a") is None and list(engine.loaded.values()) == ["big"]
+    assert registry.get("a") is None and [a.name for a in registry.served()] == ["big"]
 
 
 def test_an_adapter_the_engine_refuses_is_refused_not_fatal(shapes, tmp_path):
@@ -324,8 +327,9 @@ def s3(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while time.time() < deadline:
         with socket.socket() as s:
@@ -355,14 +359,16 @@ def test_adapters_under_an_object_store_prefix(s3, shapes, tmp_path):
     cache, engine = tmp_path / "cache", FakeEngine()
     registry = AdapterRegistry(f"s3://runs/exp/adapter{query}", shapes, max_rank=8, cache_dir=cache)
     _refresh(registry, engine)
-    assert [a.name for a in registry.served()] == ["a"] and "max_lora_rank" in registry.get("b").error
+    assert [a.name for a in registry.served()] == ["a"]
+    assert "max_lora_rank" in registry.get("b").error
     assert sorted(p.name for p in cache.iterdir()) == ["a", "b"]
 
     _upload(client, write_adapter(tmp_path / "src2" / "b", shapes, rank=2), "exp/adapter")
     client.delete_object(Bucket="runs", Key="exp/adapter/a/adapter_config.json")
     client.delete_object(Bucket="runs", Key="exp/adapter/a/adapter_model.safetensors")
     _refresh(registry, engine)
-    assert [a.name for a in registry.served()] == ["b"] and list(engine.loaded.values()) == ["b"]
+    assert [a.name for a in registry.served()] == ["b"]
+    assert engine.loaded[registry.get("b").lora_id] == "b"
     assert sorted(p.name for p in cache.iterdir()) == ["b"]
     before = (cache / "b" / "adapter_model.safetensors").stat().st_mtime_ns
     sync_prefix(f"s3://runs/exp/adapter{query}", cache)  # unchanged: not copied again
@@ -388,12 +394,13 @@ def test_chat_on_a_base_model_renders_the_training_template():
     _, tok = tiny_text_model("llama")
     tok = copy.deepcopy(tok)
     tok.chat_template = None  # a base model like the embedded Gemma
-    prompt = chat_prompt(tok, _messages([{"type": "text", "text": "Who wrote it?"}]), accepts_images=False)
+    prompt = chat_prompt(tok, _messages([{"type": "text", "text": "Who wrote it?"}]), False)
     expected = render(copy.deepcopy(tok), [{"role": "user", "content": "Who wrote it?"}],
                       add_generation_prompt=True)
     assert prompt == {"prompt": expected} and expected.endswith("Question: Who wrote it?\nAnswer:")
     with pytest.raises(APIError, match="does not accept images") as e:
-        chat_prompt(tok, _messages([{"type": "image_url", "image_url": {"url": _png_url()}}]), False)
+        chat_prompt(tok, _messages([{"type": "image_url", "image_url": {"url": _png_url()}}]),
+                    accepts_images=False)
     assert e.value.status == 400
 
 

@@ -4,6 +4,7 @@ runs; refusals that leave the replica serving. One app start for the whole modul
 """
 
 import gc
+import json
 import os
 import shutil
 import socket
@@ -123,6 +124,14 @@ def test_chat_uses_the_training_template_and_the_openai_client_works(served):
         temperature=0)
     assert answer.choices[0].message.content == refs["chat"]
     assert answer.usage.completion_tokens == NEW_TOKENS
+    city = {"type": "string", "enum": ["Paris", "Rome"]}
+    schema = {"type": "object", "properties": {"city": city}, "required": ["city"],
+              "additionalProperties": False}
+    structured = oai.chat.completions.create(  # what the augment stage asks an endpoint for
+        model="kore", messages=[{"role": "user", "content": QUESTION}], max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    assert json.loads(structured.choices[0].message.content)["city"] in ("Paris", "Rome")
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     r = client.post("/chat/completions", json={
         "model": BASE, "messages": [{"role": "user", "content": [image]}]})
@@ -135,7 +144,8 @@ def test_bad_adapters_are_refused_and_the_replica_keeps_serving(served):
     for name, a, b in [("too-big", torch.zeros(32, 640), torch.zeros(1024, 32)),
                        ("bad-shape", torch.zeros(8, 641), torch.zeros(1024, 8))]:
         shutil.copytree(adapters / "kore", adapters / name)
-        save_file({f"base_model.model.{q}.lora_A.weight": a, f"base_model.model.{q}.lora_B.weight": b},
+        save_file({f"base_model.model.{q}.lora_A.weight": a,
+                   f"base_model.model.{q}.lora_B.weight": b},
                   str(adapters / name / "adapter_model.safetensors"))
     assert "rank 32 exceeds the server's max_lora_rank 16" in _error(
         client.post("/completions", json={"model": "too-big", "prompt": "x"}), 400)
@@ -162,7 +172,8 @@ def test_auth_names_and_malformed_requests(served):
     for name in ("../kore", "kore/../../etc", "/etc/passwd"):
         assert "invalid model name" in _error(
             client.post("/completions", json={"model": name, "prompt": "x"}), 400)
-    assert "not found" in _error(client.post("/completions", json={"model": "nope", "prompt": "x"}), 404)
+    assert "not found" in _error(
+        client.post("/completions", json={"model": "nope", "prompt": "x"}), 404)
     assert "not valid JSON" in _error(client.post("/completions", content=b"{"), 400)
     assert "prompt" in _error(client.post("/completions", json={"model": BASE}), 400)
     assert "maximum context length" in _error(client.post("/completions", json={

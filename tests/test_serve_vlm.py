@@ -53,7 +53,8 @@ def served(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm")
     model_dir = save_tiny_model(root / "model", kind="vlm")
     model, processor = load_model(model_dir)
-    lora = build_method(model, "lora", find_target_groups(model, include=["q_proj", "v_proj"]), rank=8)
+    groups = find_target_groups(model, include=["q_proj", "v_proj"])
+    lora = build_method(model, "lora", groups, rank=8)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in lora.named_parameters():

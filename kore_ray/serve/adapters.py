@@ -104,8 +104,8 @@ def check_adapter(path: Path, base_shapes: Mapping[str, tuple[int, int]], max_ra
     if not (path / WEIGHTS).is_file():
         raise AdapterError(f"no {WEIGHTS} (only safetensors adapters are served)")
     try:
-        with safe_open(path / WEIGHTS, framework="pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 - not iterable
+        with safe_open(path / WEIGHTS, framework="pt") as f:  # not iterable: keys() it is
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
     except Exception as e:  # noqa: BLE001 - truncated or not safetensors: the type varies
         raise AdapterError(f"unreadable {WEIGHTS}: {e}") from None
     pairs: dict[str, dict[str, tuple]] = {}
@@ -192,23 +192,22 @@ class AdapterRegistry:
         return found
 
     async def refresh(self, load: Callable[[Adapter], Awaitable[None]],
-                      unload: Callable[[Adapter], Awaitable[None]],
                       found: Mapping[str, Path] | None = None) -> None:
-        """Bring the registry in line with the directory. New or rewritten adapters are checked,
-        then `load`ed (an exception from load refuses the adapter with its message); removed or
-        rewritten ones are `unload`ed. `found` is a scan made off the event loop."""
+        """Bring the registry in line with the directory: new or rewritten adapters are checked,
+        then `load`ed (an exception from load refuses the adapter with its message); removed ones
+        are forgotten. `found` is a scan made off the event loop.
+
+        Nothing is unloaded from vLLM: a request still running on an old version keeps its
+        adapter, and vLLM's LRU cache (max_cpu_loras) evicts what is no longer asked for.
+        """
         found = self.scan() if found is None else found
         for name in set(self._adapters) - set(found):
-            old = self._adapters.pop(name)
-            if old.error is None:
-                await unload(old)
+            del self._adapters[name]
         for name, path in found.items():
             stamp = _stamp(path)
             old = self._adapters.get(name)
             if old is not None and old.stamp == stamp:
                 continue
-            if old is not None and old.error is None:
-                await unload(old)
             adapter = Adapter(name, path, self._next_id, stamp, self._check(name, path))
             self._next_id += 1
             if adapter.error is None:

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 class APIError(Exception):
     """An error the client caused (4xx) or the server hit (5xx), sent as OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
 
@@ -120,7 +121,8 @@ class ResponseFormat(BaseModel):
 
     @model_validator(mode="after")
     def _schema(self):
-        if self.type == "json_schema" and not isinstance((self.json_schema or {}).get("schema"), dict):
+        schema = (self.json_schema or {}).get("schema")
+        if self.type == "json_schema" and not isinstance(schema, dict):
             raise ValueError("response_format json_schema needs json_schema.schema (an object)")
         return self
 
@@ -159,9 +161,8 @@ def sampling_kwargs(req: _Request) -> dict:
     }
     fmt = getattr(req, "response_format", None)
     if fmt is not None and fmt.type != "text":
-        kwargs["structured_outputs"] = (
-            {"json_object": True} if fmt.type == "json_object" else {"json": fmt.json_schema["schema"]}
-        )
+        kwargs["structured_outputs"] = ({"json_object": True} if fmt.type == "json_object"
+                                        else {"json": fmt.json_schema["schema"]})
     return kwargs
 
 

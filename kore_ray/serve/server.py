@@ -147,21 +147,20 @@ class KoreLLM:
         output = await self._generate(prompt, params, lora, {"add_special_tokens": False})
         return chat_response(req.model, output, req.return_token_ids)
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, max_age: float = 0.0) -> None:
+        """Rescan unless a scan began at most `max_age` seconds before this call: concurrent
+        callers share one scan, and a scan that began after the call surely saw what it asks."""
         asked = time.monotonic()
         async with self._lock:
-            if self._scanned >= asked:  # a scan that began after we asked has just finished
+            if self._scanned >= asked - max_age:
                 return
             self._scanned = time.monotonic()
             found = await asyncio.to_thread(self.registry.scan)  # an object store is slow
-            await self.registry.refresh(self._load, self._unload, found)
+            await self.registry.refresh(self._load, found)
 
     async def _load(self, adapter) -> None:
         if not await self.engine.add_lora(self._lora_request(adapter)):
             raise AdapterError("the engine did not load it")
-
-    async def _unload(self, adapter) -> None:
-        await self.engine.remove_lora(adapter.lora_id)
 
     @staticmethod
     def _lora_request(adapter):
@@ -177,10 +176,11 @@ class KoreLLM:
             check_name(model)
         except AdapterError as e:
             raise APIError(400, str(e), param="model", code="invalid_model") from None
-        adapter = self.registry.get(model)
-        if adapter is None or time.monotonic() - self._scanned > self.settings.adapter_rescan_s:
+        if self.registry.get(model) is None:
             await self._refresh()
-            adapter = self.registry.get(model)
+        elif time.monotonic() - self._scanned > self.settings.adapter_rescan_s:  # rewritten?
+            await self._refresh(max_age=self.settings.adapter_rescan_s)
+        adapter = self.registry.get(model)
         if adapter is None:
             raise APIError(404, f"model {model!r} not found: it is neither the base model "
                                 f"({self.name!r}) nor an adapter", param="model",
@@ -220,7 +220,7 @@ class KoreLLM:
         except (VLLMClientError, ValueError) as e:  # prompt too long, token id out of range, ...
             raise APIError(400, str(e)) from None
         except EngineDeadError:
-            raise APIError(503, "the engine of this replica died; retry (Serve replaces it)") from None
+            raise APIError(503, "this replica's engine died; retry (Serve replaces it)") from None
         return final
 
 
