@@ -6,6 +6,11 @@ contributes X^T X over its non-padding tokens, computed in (at least) float32 an
 added to a float64 sum: batching and padding change only the last bits, and partial
 sums from many workers add up to the sum over all their data.
 
+Cost: X^T X is symmetric, so only its blocks on and above the diagonal are computed
+(about 0.6 of the flops of the full product at Gemma/Llama widths) and the rest is
+mirrored when the sums are read; a batch without padding is used without a gather
+copy; the NaN/Inf check reads the product's diagonal (d values), not the activations.
+
 For a vision-language model the hooks sit on the language model's layers, and image
 tokens count like any other position: only padding is masked.
 """
@@ -47,7 +52,10 @@ class CovarianceAccumulator:
         self.model = model
         self.groups = list(groups)
         self.normalize = normalize
-        self.sums: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, torch.Tensor] = {}
+        self._unmirrored: set[str] = set()
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._rows: dict | None = None
         self.tokens: dict[str, int] = {g.key: 0 for g in self.groups}
         self.samples = 0
         self._mask: torch.Tensor | None = None
@@ -71,6 +79,15 @@ class CovarianceAccumulator:
             handle.remove()
         self._handles.clear()
         self._mask = None
+        self._buffers.clear()
+
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        """Group key -> float64 sum of x x^T so far (symmetric; the accumulator's own tensors)."""
+        for key in self._unmirrored:
+            _mirror_upper(self._sums[key])
+        self._unmirrored.clear()
+        return self._sums
 
     @contextmanager
     def batch(self, attention_mask: torch.Tensor):
@@ -78,10 +95,21 @@ class CovarianceAccumulator:
         mask = attention_mask.bool()
         self.samples += int(mask.any(dim=-1).sum())
         self._mask = mask
+        # Which flattened rows are real tokens, found once per batch (not once per layer);
+        # None when every position is real: the activations are then used without a copy.
+        self._rows = {} if not bool(mask.all()) else None
         try:
             yield
         finally:
             self._mask = None
+            self._rows = None
+
+    def _real_rows(self, device: torch.device) -> torch.Tensor | None:
+        if self._rows is None:
+            return None
+        if device not in self._rows:  # a model split across devices sees one copy per device
+            self._rows[device] = self._mask.reshape(-1).nonzero().squeeze(1).to(device)
+        return self._rows[device]
 
     def _hook(self, key: str, name: str):
         def hook(module, args):
@@ -93,30 +121,80 @@ class CovarianceAccumulator:
                     f"layer {name}: activations of shape {tuple(x.shape)} do not match the "
                     f"attention mask of shape {tuple(self._mask.shape)}"
                 )
-            self._accumulate(key, name, x, self._mask.to(x.device))
+            self._accumulate(key, name, x)
 
         return hook
 
-    def _accumulate(self, key: str, name: str, x: torch.Tensor, mask: torch.Tensor) -> None:
+    def _accumulate(self, key: str, name: str, x: torch.Tensor) -> None:
         # float32 at least (bf16/fp16 sums of squares overflow and round badly), float64 kept.
         x = x.to(torch.promote_types(x.dtype, torch.float32))
-        tokens = x[mask]  # (n, d_in), only real tokens
-        if not torch.isfinite(tokens).all():
-            raise InputError(f"layer {name}: NaN or Inf in its input activations")
+        d = x.shape[-1]
+        rows = self._real_rows(x.device)
+        flat = x.reshape(-1, d)
+        tokens = flat if rows is None else flat.index_select(0, rows)  # (n, d_in), real only
         if self.normalize == "sample_max":
             # |max element| of each sample over its real tokens, as in the reference code.
+            mask = self._mask.to(x.device)
             masked = x.masked_fill(~mask[..., None], float("-inf"))
             scale = masked.flatten(1).amax(dim=1).abs()
-            scale = scale[mask.nonzero()[:, 0]]
             if (scale == 0).any():
                 raise InputError(f"layer {name}: a sample's max activation is 0, cannot normalise")
-            tokens = tokens / scale[:, None]
-        part = (tokens.T @ tokens).to(torch.float64)
-        if key in self.sums:
-            self.sums[key] += part
-        else:
-            self.sums[key] = part
+            per_token = scale.repeat_interleave(x.shape[1])
+            tokens = tokens / (per_token if rows is None else per_token[rows])[:, None]
+        part = self._scratch(d, tokens.dtype, tokens.device)
+        _upper_gram(tokens, part)
+        # A NaN or Inf anywhere in the tokens (or a square beyond float32) reaches the diagonal.
+        if not torch.isfinite(part.diagonal()).all():
+            raise InputError(f"layer {name}: NaN or Inf in its input activations")
+        if key in self._sums:
+            _add_upper(self._sums[key], part)
+        else:  # no zero fill: the first batch is copied in, the lower blocks are mirrored
+            self._sums[key] = torch.empty(d, d, dtype=torch.float64, device=tokens.device)
+            _add_upper(self._sums[key], part, first=True)
+        self._unmirrored.add(key)
         self.tokens[key] += tokens.shape[0]
+
+    def _scratch(self, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """One reusable d x d buffer per width, dtype and device: no allocation per layer."""
+        key = (d, dtype, device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(d, d, dtype=dtype, device=device)
+        return self._buffers[key]
+
+
+# X^T X is symmetric: only the blocks on and above the diagonal are computed, in column
+# blocks of this width (0.56-0.7 of the full product's flops at widths 640-2048), and the
+# lower blocks are mirrored when the sums are read.
+_BLOCK = 256
+
+
+def _blocks(d: int):
+    for start in range(0, d, _BLOCK):
+        yield start, min(start + _BLOCK, d)
+
+
+def _upper_gram(tokens: torch.Tensor, out: torch.Tensor) -> None:
+    """out[blocks on and above the diagonal] = the same blocks of tokens^T tokens (tokens' dtype)."""
+    for start, stop in _blocks(tokens.shape[1]):
+        out[start:stop, start:].addmm_(tokens[:, start:stop].T, tokens[:, start:], beta=0)
+
+
+def _add_upper(total: torch.Tensor, part: torch.Tensor, first: bool = False) -> None:
+    """total += part (float64 += float32 or float64) on the blocks `_upper_gram` writes."""
+    for start, stop in _blocks(part.shape[1]):
+        if first:
+            total[start:stop, start:].copy_(part[start:stop, start:])
+        else:
+            total[start:stop, start:].add_(part[start:stop, start:])
+
+
+def _mirror_upper(total: torch.Tensor) -> None:
+    """Make `total` symmetric in place from its upper triangle (what was accumulated)."""
+    with torch.inference_mode():  # sums made inside inference mode are inference tensors
+        for start, stop in _blocks(total.shape[1]):
+            total[stop:, start:stop] = total[start:stop, stop:].T
+            block = total[start:stop, start:stop]
+            block.copy_(block.triu() + block.triu(1).T)
 
 
 def _forward_body(model: nn.Module, hooked: Iterable[nn.Module]):

@@ -1,0 +1,137 @@
+"""Covariance collection against the plain forward pass it rides on (embedded Gemma 3 270M).
+
+Both sides run the same right-padded batches of generated English-like text:
+
+- forward: the decoder body only, `model.model(..., use_cache=False)` under inference_mode:
+  the cheapest pass that computes every target layer's input (no LM head, no logits);
+- covariance: `collect_covariance` over all 72 target groups (q/k/v, o, gate/up, down of the
+  18 layers), i.e. the same pass plus the hooks' X^T X sums and the final store.
+
+Cases run interleaved (order flipped each round) after a warm-up; the figure is the median
+of the per-round ratios. For context the table also shows a full forward WITH logits (what a
+hook-on-the-whole-model implementation pays) and the analytic multiply-add counts: computing
+X^T X exactly costs d_in^2 / 2 multiply-adds per token and group even with a perfect
+symmetric kernel, which on this model is about half the decoder's own multiply-adds, so the
+ratio cannot go much below ~1.5 however the accumulation is written.
+
+By default the benchmark runs torch single-threaded (--threads 1): on a shared 2-core machine,
+multi-threaded BLAS/OpenMP under oversubscription slows down by several times at random,
+swamping the ratio; one thread measures the work. --threads 0 keeps torch's default.
+
+    python benchmarks/covariance.py [--batches 2 --batch-size 8 --min-len 64 --max-len 128]
+
+Last line: {"overhead_vs_forward": <median covariance time / forward time>}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from _common import interleaved, median, table, token_batches
+
+from kore_ray.constraint.covariance import collect_covariance
+from kore_ray.models import load_model
+from kore_ray.models.gemma import embedded_gemma_path
+from kore_ray.models.targets import find_target_groups
+
+
+def reference_check(model, batch, groups, store) -> float:
+    """Max relative difference of the store against a plain full X^T X of one batch.
+
+    Recomputes the first batch's sums with a straightforward hook (gather the real tokens,
+    full float32 product, float64 sum) and compares with a store made from that batch alone.
+    """
+    mask = batch["attention_mask"].bool()
+    ref = {}
+    handles = []
+    for g in groups:
+        def hook(module, args, key=g.key):
+            tokens = args[0][mask].float()
+            ref[key] = (tokens.T @ tokens).double()
+        handles.append(model.get_submodule(g.modules[0]).register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            model.model(**batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(((store.sums[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref)
+
+
+def multiply_adds(model, groups) -> tuple[int, int, int]:
+    """Per token: decoder linear layers, X^T X in full, X^T X upper triangle only."""
+    body = sum(m.in_features * m.out_features for n, m in model.model.named_modules()
+               if isinstance(m, torch.nn.Linear))
+    full = sum(g.in_features**2 for g in groups)
+    half = sum(g.in_features * (g.in_features + 1) // 2 for g in groups)
+    return body, full, half
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--min-len", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=4, help="interleaved rounds after warm-up")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; 0 = default")
+    parser.add_argument("--no-logits", action="store_true", help="skip the with-logits context row")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    path = embedded_gemma_path()
+    model, tokenizer = load_model(str(path))
+    groups = find_target_groups(model)
+    batches = token_batches(tokenizer, args.batches, args.batch_size, args.min_len, args.max_len)
+    positions = sum(b["input_ids"].numel() for b in batches)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+
+    def forward():
+        with torch.inference_mode():
+            for b in batches:
+                model.model(**b, use_cache=False)
+
+    def forward_logits():
+        with torch.inference_mode():
+            for b in batches:
+                model(**b, use_cache=False)
+
+    def covariance():
+        collect_covariance(model, batches, groups)
+
+    cases = {"forward (decoder, no logits)": forward, "covariance (collect_covariance)": covariance}
+    if not args.no_logits:
+        cases["forward with logits (context)"] = forward_logits
+    start = time.perf_counter()
+    times = interleaved(cases, args.repeats)
+    elapsed = time.perf_counter() - start
+    fwd, cov = times["forward (decoder, no logits)"], times["covariance (collect_covariance)"]
+    ratio = median([c / f for c, f in zip(cov, fwd)])
+
+    check = reference_check(model, batches[0], groups, collect_covariance(model, batches[:1], groups))
+    body, full, half = multiply_adds(model, groups)
+
+    print(f"Gemma 3 270M ({path.name}), {len(groups)} target groups, torch threads "
+          f"{torch.get_num_threads()}; {len(batches)} batches x {args.batch_size} sequences of "
+          f"{args.min_len}-{args.max_len} tokens: {tokens} real tokens, {positions} positions "
+          f"(right padding); warm-up 1, {args.repeats} interleaved rounds, {elapsed:.0f} s")
+    rows = []
+    for name, ts in times.items():
+        ratio_to_fwd = median([t / f for t, f in zip(ts, fwd)])
+        rows.append([name, f"{median(ts):.2f}", f"{min(ts):.2f}", f"{tokens / median(ts):.0f}",
+                     f"{ratio_to_fwd:.3f}"])
+    print(table(rows, ["case", "median s", "min s", "real tokens/s", "x forward (median ratio)"]))
+    print(f"store vs a plain full X^T X of batch 1 (float32 per batch, float64 sum): max relative "
+          f"difference {check:.1e}")
+    print(f"multiply-adds per token: decoder linears {body / 1e6:.1f}M; X^T X of all groups "
+          f"{full / 1e6:.1f}M full, {half / 1e6:.1f}M upper triangle "
+          f"(= {half / body:.2f} of the decoder's)")
+    print(json.dumps({"overhead_vs_forward": round(ratio, 3)}))
+
+
+if __name__ == "__main__":
+    main()
