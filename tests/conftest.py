@@ -1,6 +1,10 @@
 """Shared fixtures. The embedded Gemma is converted once per machine (cached in ~/.cache/kore-ray)."""
 
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -36,3 +40,29 @@ def ray_local():
                  configure_logging=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3 API (moto) on loopback: (boto3 client, pyarrow.fs URI query, server process)."""
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    yield boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}"), \
+        f"?endpoint_override=127.0.0.1:{port}&scheme=http", proc
+    proc.terminate()
+    proc.wait(timeout=10)

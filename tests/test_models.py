@@ -1,10 +1,6 @@
 """Model loading: the embedded Gemma, local directories, object stores, and every bad path."""
 
 import json
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -72,44 +68,14 @@ def test_missing_gguf(tmp_path):
         convert_gguf(tmp_path / "absent.gguf", tmp_path / "out")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_server():
-    """A real S3 API (moto) on loopback."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.2)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-def test_model_from_object_store(s3_server, tmp_path, monkeypatch):
-    import boto3
-
+def test_model_from_object_store(s3, tmp_path, monkeypatch):
+    s3, query, _ = s3
     monkeypatch.setenv("KORE_CACHE", str(tmp_path / "cache"))
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    s3 = boto3.client("s3", endpoint_url=f"http://{s3_server}")
     s3.create_bucket(Bucket="models")
     s3.put_object(Bucket="models", Key="tiny/config.json", Body=b'{"model_type": "llama"}')
     s3.put_object(Bucket="models", Key="tiny/model.safetensors", Body=b"weights")
     s3.put_object(Bucket="models", Key="empty/readme.txt", Body=b"no model here")
 
-    query = f"?endpoint_override={s3_server}&scheme=http"
     local = resolve_model_path(f"s3://models/tiny{query}")
     assert (local / "config.json").read_text() == '{"model_type": "llama"}'
     assert (local / "model.safetensors").read_bytes() == b"weights"

@@ -7,10 +7,6 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -321,29 +317,10 @@ def test_an_adapter_the_engine_refuses_is_refused_not_fatal(shapes, tmp_path):
 # --- adapters in an object store (a real S3 API: moto on loopback) ------------------------------
 
 @pytest.fixture
-def s3(monkeypatch):
-    import boto3
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.2)
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+def s3(s3):
+    client, query, proc = s3
     client.create_bucket(Bucket="runs")
-    yield client, f"?endpoint_override=127.0.0.1:{port}&scheme=http", proc
-    proc.terminate()
-    proc.wait(timeout=10)
+    return client, query, proc
 
 
 def _upload(client, local, prefix):
