@@ -20,6 +20,7 @@ from kore_ray.train.checkpoint import (
     load_weights,
     read_train_state,
     read_weights,
+    trainable_names,
     write_checkpoint,
 )
 from kore_ray.train.data import (
@@ -272,7 +273,7 @@ def test_checkpoint_resume_continues_the_same_trajectory(llama_dir, tmp_path):
     opt = build_optimizer(ref, 1e-2)
     sched = build_scheduler(opt, 6, 2, "cosine")
     run(ref, opt, sched, 2)
-    weights, opt_state = gather_state(ref, opt)
+    weights, opt_state = gather_state(ref, opt, trainable_names(ref))
     assert weights and all("lora_" in k for k in weights)  # adapter weights only
     write_checkpoint(tmp_path, weights, opt_state, sched, 2, {"loss": 0.0})
     expected = run(ref, opt, sched, 2)
@@ -286,6 +287,17 @@ def test_checkpoint_resume_continues_the_same_trajectory(llama_dir, tmp_path):
     sched2.load_state_dict(state["scheduler"])
     assert state["step"] == 2
     assert run(resumed, opt2, sched2, 2) == expected
+
+
+def test_checkpoint_leaves_out_a_frozen_tied_weight():
+    """Gemma ties lm_head to the embedding: the alias must not ride along as 'trainable'."""
+    model = _lora()
+    inner = model.base_model.model
+    inner.lm_head.weight = inner.model.embed_tokens.weight
+    opt = build_optimizer(model, 1e-3)
+    weights, _ = gather_state(model, opt, trainable_names(model))
+    assert set(weights) == trainable_names(model)
+    assert all("lora_" in k for k in weights)
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):

@@ -32,10 +32,23 @@ INFO_FILE = "checkpoint.json"
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
-def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def trainable_names(model: nn.Module) -> frozenset[str]:
+    """Names of the trainable parameters of an UNWRAPPED model: what a checkpoint holds."""
+    return frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def gather_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, names: frozenset[str]
+) -> tuple[dict, dict]:
     """(trainable weights, optimizer state), complete on rank 0. A collective under FSDP:
-    every rank must call it."""
-    return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(
+    every rank must call it.
+
+    The weights are cut down to `names` (trainable_names before wrapping): torch's
+    ignore_frozen_params misses a frozen weight's tied alias (Gemma's lm_head is its
+    embedding, 670 MB), which named_parameters lists only once.
+    """
+    weights = get_model_state_dict(model, options=FULL)
+    return {k: v for k, v in weights.items() if k in names}, get_optimizer_state_dict(
         model, optimizer, options=FULL
     )
 
@@ -67,7 +80,7 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     The names must be exactly the model's trainable parameters: anything else means the
     checkpoint belongs to another method, init or model.
     """
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = trainable_names(model)
     if set(weights) != trainable:
         missing, extra = sorted(trainable - set(weights)), sorted(set(weights) - trainable)
         raise InputError(

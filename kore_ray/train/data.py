@@ -10,11 +10,11 @@ any number of workers (2 workers follow the 1-worker loss curve), and the data p
 a restart is just the step. A resumed worker reads the rows of the steps its checkpoint already
 covers and drops them before collation (they cost a tokenisation, never a forward pass).
 
-Each rank's shard is its own Ray Data pipeline (its rows, in step order, tokenised in a
-`map_batches` stage), so every row is tokenised once. Text models are tokenised completely
-there. Vision-language rows keep their rendered text and image reference: the worker's collate
-runs the processor, which opens the images and expands each image token, in Ray Data's
-prefetch thread.
+The rows of all ranks, in rank then step order, are tokenised in one Ray Data `map_batches`
+pass and cut at the ranks' boundaries (trainer._shards), so each rank's shard holds its rows
+in step order. Text models are tokenised completely there. Vision-language rows keep their
+rendered text and image reference: the worker's collate runs the processor, which opens the
+images and expands each image token, in Ray Data's prefetch thread.
 """
 
 from __future__ import annotations
@@ -123,14 +123,23 @@ def rank_tables(
     return out
 
 
-def load_preprocessor(name_or_path: str):
-    """(tokenizer or processor, is_vision_language) without loading the weights."""
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+def is_vision_model(name_or_path: str) -> bool:
+    """From the model's config alone: no weights, no tokenizer."""
+    from transformers import AutoConfig
 
     from kore_ray.models.loading import is_vision_language, resolve_model_path
 
+    return is_vision_language(AutoConfig.from_pretrained(resolve_model_path(name_or_path)))
+
+
+def load_preprocessor(name_or_path: str):
+    """(tokenizer or processor, is_vision_language) without loading the weights."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from kore_ray.models.loading import resolve_model_path
+
     path = resolve_model_path(name_or_path)
-    if is_vision_language(AutoConfig.from_pretrained(path)):
+    if is_vision_model(name_or_path):
         return AutoProcessor.from_pretrained(path), True
     return AutoTokenizer.from_pretrained(path), False
 

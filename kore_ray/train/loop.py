@@ -40,6 +40,7 @@ from kore_ray.train.checkpoint import (
     load_weights,
     read_train_state,
     read_weights,
+    trainable_names,
     write_checkpoint,
 )
 from kore_ray.train.data import Collate, pad_token_id, shard_name
@@ -130,8 +131,8 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
             for k, v in batch.items()}
 
 
-def _report(model, optimizer, scheduler, step: int, record: dict, rank: int) -> None:
-    weights, optimizer_state = gather_state(model, optimizer)
+def _report(model, optimizer, scheduler, names, step: int, record: dict, rank: int) -> None:
+    weights, optimizer_state = gather_state(model, optimizer, names)
     with tempfile.TemporaryDirectory(prefix="kore-ckpt-") as tmp:
         checkpoint = None
         if rank == 0:
@@ -161,6 +162,7 @@ def train_loop_per_worker(config: dict) -> None:
             load_weights(model, read_weights(directory))
             state = read_train_state(directory)
         start = state["step"]
+    names = trainable_names(model)
     model.train()
     model = ray.train.torch.prepare_model(
         model,
@@ -217,7 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
                       f"lr {stats.lr:.2e} {record['tokens_per_s']:,.0f} tokens/s",
                       flush=True)
         if step % spec.checkpoint_every == 0 or step == spec.total_steps:
-            _report(model, optimizer, scheduler, step, record, rank)
+            _report(model, optimizer, scheduler, names, step, record, rank)
         if spec.after_step is not None:
             spec.after_step(step, rank)
     if step != spec.total_steps:

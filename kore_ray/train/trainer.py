@@ -56,7 +56,7 @@ from kore_ray.train.checkpoint import INFO_FILE, load_weights, read_weights
 from kore_ray.train.data import (
     Tokenize,
     conversations_path,
-    load_preprocessor,
+    is_vision_model,
     per_worker_batch,
     plan_schedule,
     rank_tables,
@@ -195,7 +195,7 @@ def run_train(
     init = init_dir(cfg.run_dir, method)
     if not (init / STAGE_FILE).is_file():
         raise InputError(f"{init}: no initialisation for {method!r} (run `kore init` first)")
-    _, vision = load_preprocessor(cfg.model.name_or_path)
+    vision = is_vision_model(cfg.model.name_or_path)
     conversations = read_conversations(conversations_path(cfg.run_dir), vision)
     schedule = plan_schedule(len(conversations), t.batch_size, t.epochs, t.max_steps, t.seed)
     steps = schedule.shape[0]
