@@ -178,3 +178,34 @@ def test_auth_names_and_malformed_requests(served):
     assert "prompt" in _error(client.post("/completions", json={"model": BASE}), 400)
     assert "maximum context length" in _error(client.post("/completions", json={
         "model": BASE, "prompt": "word " * 600}), 400)  # the engine's refusal, beyond max_model_len
+
+
+def test_augmentation_dialogues_from_our_own_endpoint(served, tmp_path):
+    """KORE-AUGMENTATION's LLM path end to end against this project's Serve + vLLM app:
+    Ray Data actors, the openai client, JSON-schema structured output, pydantic validation."""
+    from kore_ray.augment import run_augment
+
+    client, _, _ = served
+    knowledge = tmp_path / "knowledge.jsonl"
+    knowledge.write_text(json.dumps({
+        "id": "k1", "kind": "entity", "subject": "Velmora Institute",
+        "knowledge": "The Velmora Institute is a research centre in Tarrowin founded by Ilsabet Orrow.",
+    }) + "\n")
+    cfg = load_config(overrides=[
+        f"run_dir={tmp_path / 'run'}", f"data.knowledge={knowledge}",
+        f"augment.base_url={client.base_url}", f"augment.model={BASE}",
+        "augment.api_key_env=KORE_SERVE_TEST_TOKEN", "augment.dialogues_per_item=1",
+        "augment.temperature=0", "augment.max_tokens=600", "augment.max_retries=1",
+    ])
+    summary = run_augment(cfg, progress=False)
+    assert summary["llm"]["items_requested"] == 1 and summary["requests"] >= 1
+    assert summary["completion_tokens"] > 0  # the endpoint answered (no transport failure)
+    assert summary["conversations_by_task"]["qa"] >= 1  # template Q&A kept whatever the LLM did
+    if summary["llm"]["items_ok"] == 1:
+        assert summary["conversations_by_task"]["dialogue"] == 1
+    else:  # a 270M base model may not close its JSON within max_tokens: recorded, not dropped
+        import pyarrow.parquet as pq
+
+        failures = pq.read_table(summary["outputs"]["failures"]).to_pylist()
+        assert [(f["knowledge_id"], f["stage"]) for f in failures] == [("k1", "dialogue")], failures
+        assert failures[0]["attempts"] == 2 and failures[0]["error"], failures
