@@ -1,0 +1,166 @@
+"""KORE null-space initialisation against the reference path of the KORE / LoRA-Null code.
+
+Same covariance store (collected here on the embedded Gemma 3 270M from generated English-like
+text), same rank, every target module of all 18 layers (126 linears in 72 groups):
+
+- ours, `kore_init`: eigh of each group's C once (q/k/v and gate/up share theirs), U0 = the
+  r lowest eigenvectors, then a thin SVD of W U0 (d_out x r) per module;
+- reference: per MODULE an eigendecomposition of its C (no sharing), the projector
+  P = U0 U0^T, and an SVD of the full d_out x d_in matrix W P, whose top-r singular triplets
+  give A = sqrt(S) V^T, B = U sqrt(S). Everything in float64 like ours; torch.linalg.eigh for
+  the eigendecomposition and the economy SVD (full_matrices=False), the cheaper choices.
+
+Both paths run interleaved (order flipped each round); the speedup is the
+median of per-round ratios. Agreement: the largest principal angle (radians) between the row
+spaces of A0 and of the reference A, and the largest relative difference of B0 A0 from B A,
+over all modules.
+
+By default torch runs single-threaded (--threads 1): on a shared 2-core machine multi-threaded
+LAPACK under oversubscription slows down by several times at random. --threads 0 keeps
+torch's default.
+
+    python benchmarks/init.py [--rank 64 --layers 18 --sequences 24 --seq-len 128]
+
+Last line: {"speedup_vs_reference": ..., "max_principal_angle": ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from _common import interleaved, median, table, token_batches
+
+from kore_ray.constraint import adapters
+from kore_ray.constraint.adapters import kore_init
+from kore_ray.constraint.covariance import collect_covariance
+from kore_ray.models import load_model
+from kore_ray.models.gemma import embedded_gemma_path
+from kore_ray.models.targets import find_target_groups
+
+
+def reference_init(model, store, groups, rank: int, clock: dict) -> dict:
+    """The KORE / LoRA-Null reference path: per-module eigh, projector, full SVD of W P."""
+    factors = {}
+    for g in groups:
+        cov = store.sums[g.key].to(torch.float64)
+        for name in g.modules:
+            w = model.get_submodule(name).weight.detach().to(torch.float64)
+            t0 = time.perf_counter()
+            _, vectors = torch.linalg.eigh((cov + cov.T) / 2)  # per module: no sharing
+            u0 = vectors[:, :rank]
+            t1 = time.perf_counter()
+            projected = w @ (u0 @ u0.T)  # W P, d_out x d_in
+            t2 = time.perf_counter()
+            u, s, vh = torch.linalg.svd(projected, full_matrices=False)
+            root = s[:rank].sqrt()
+            factors[name] = (root[:, None] * vh[:rank], u[:, :rank] * root[None, :])
+            t3 = time.perf_counter()
+            clock["eigh"] += t1 - t0
+            clock["projector"] += t2 - t1
+            clock["svd"] += t3 - t2
+    return factors
+
+
+def row_space_angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest principal angle (radians) between the row spaces of a and b (both r x d_in).
+
+    Via the sine, ||(I - Qa Qa^T) Qb||_2, which stays accurate for tiny angles.
+    """
+    qa = torch.linalg.qr(a.T.to(torch.float64)).Q
+    qb = torch.linalg.qr(b.T.to(torch.float64)).Q
+    sine = torch.linalg.matrix_norm(qb - qa @ (qa.T @ qb), ord=2).item()
+    return float(torch.asin(torch.tensor(min(sine, 1.0))).item())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=18, help="first N decoder layers")
+    parser.add_argument("--sequences", type=int, default=24, help="covariance data: sequences")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds (no warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; 0 = default")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    path = embedded_gemma_path()
+    model, tokenizer = load_model(str(path))
+    prefixes = tuple(f"model.layers.{i}." for i in range(args.layers))
+    groups = [g for g in find_target_groups(model) if g.key.startswith(prefixes)]
+    modules = [m for g in groups for m in g.modules]
+
+    t0 = time.perf_counter()
+    batches = token_batches(tokenizer, args.sequences // 8, 8, args.seq_len, args.seq_len, seed=1)
+    store = collect_covariance(model, batches, groups)
+    collect_s = time.perf_counter() - t0
+    tokens = store.tokens[groups[0].key]
+
+    # Time our eigh inside kore_init without changing it: wrap the null_space it calls.
+    ours_clock = {"eigh": 0.0}
+    null_space = adapters.null_space
+
+    def timed_null_space(*a, **k):
+        start = time.perf_counter()
+        try:
+            return null_space(*a, **k)
+        finally:
+            ours_clock["eigh"] += time.perf_counter() - start
+
+    adapters.null_space = timed_null_space
+    ref_clock = {"eigh": 0.0, "projector": 0.0, "svd": 0.0}
+    results = {}
+
+    def ours():
+        results["ours"] = kore_init(model, store, groups, args.rank).factors
+
+    def reference():
+        results["reference"] = reference_init(model, store, groups, args.rank, ref_clock)
+
+    start = time.perf_counter()
+    try:
+        # No warm-up round: LAPACK has nothing to warm up, and each round costs minutes.
+        times = interleaved({"ours": ours, "reference": reference}, args.repeats, warmup=0)
+    finally:
+        adapters.null_space = null_space
+    elapsed = time.perf_counter() - start
+    runs = args.repeats
+    speedup = median([r / o for r, o in zip(times["reference"], times["ours"])])
+
+    angle, product = 0.0, 0.0
+    for name in modules:
+        a0, b0 = results["ours"][name]
+        a, b = results["reference"][name]
+        angle = max(angle, row_space_angle(a0, a))
+        ref = b @ a
+        product = max(product, ((b0 @ a0 - ref).norm() / ref.norm()).item())
+
+    print(f"Gemma 3 270M ({path.name}), rank {args.rank}, layers 0-{args.layers - 1}: "
+          f"{len(modules)} modules in {len(groups)} groups; covariance from {tokens} tokens "
+          f"({args.sequences} generated sequences of {args.seq_len}; widest input "
+          f"{max(g.in_features for g in groups)}) collected in {collect_s:.0f} s; torch threads "
+          f"{torch.get_num_threads()}; {args.repeats} interleaved rounds, {elapsed:.0f} s")
+    eighs = {"ours": len(groups), "reference": len(modules)}
+    rows = [
+        ["ours (kore_init)", f"{median(times['ours']):.2f}", eighs["ours"],
+         f"{ours_clock['eigh'] / runs:.2f}", f"{(median(times['ours']) - ours_clock['eigh'] / runs):.2f}"
+         " (thin SVDs etc.)"],
+        ["reference (per-module eigh, W P SVD)", f"{median(times['reference']):.2f}",
+         eighs["reference"], f"{ref_clock['eigh'] / runs:.2f}",
+         f"{ref_clock['svd'] / runs:.2f} SVD + {ref_clock['projector'] / runs:.2f} W P"],
+    ]
+    print(table(rows, ["path", "median s", "eighs", "eigh s (mean)", "rest s (mean)"]))
+    after = (median(times["reference"]) - ref_clock["eigh"] / runs) / (
+        median(times["ours"]) - ours_clock["eigh"] / runs)
+    print(f"speedup (median of per-round reference/ours): {speedup:.2f}x; after the eigh "
+          f"(thin SVD of W U0 vs projector + SVD of W P): {after:.1f}x")
+    print(f"max principal angle between row spaces of A0 and reference A: {angle:.2e} rad; "
+          f"max ||B0 A0 - B A|| / ||B A||: {product:.1e}")
+    print(json.dumps({"speedup_vs_reference": round(speedup, 3), "max_principal_angle": angle}))
+
+
+if __name__ == "__main__":
+    main()
