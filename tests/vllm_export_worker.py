@@ -1,4 +1,5 @@
-"""vLLM side of tests/test_vllm_export.py, run as its own process (vLLM spawns workers).
+"""vLLM side of tests/test_vllm_export.py, run as its own process (vLLM sets process-wide
+state; with multiprocessing on it spawns workers, hence the __main__ guard).
 
     python tests/vllm_export_worker.py SPEC.json OUT.json
 
