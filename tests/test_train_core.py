@@ -246,12 +246,14 @@ def test_vlm_short_run_learns(vlm_dir):
     batches = _micro(_tokenised(vlm_dir, 4, images=images), vlm_dir, micro=2).micro_batches
     assert "pixel_values" in batches[0]
     model, _ = load_model(str(vlm_dir))
+    torch.manual_seed(0)  # LoRA's random A: the same run every time
     model = build_method(model, "lora", find_target_groups(model), rank=8)
     model.train()
     opt = build_optimizer(model, 1e-2)
     sched = build_scheduler(opt, 10, 0, "constant")
     losses = [train_step(model, opt, sched, batches).loss for _ in range(8)]
-    assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0]
+    # At this learning rate single steps bounce; the last three together must be well down.
+    assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.9 * losses[0], losses
 
 
 # --- checkpoints and metrics --------------------------------------------------------------
