@@ -1,7 +1,8 @@
 """The per-worker training recipe (Ray Train V2), top to bottom:
 
-1. load the base model (bfloat16 on GPU, float32 on CPU) and the method's trainable model
-   from its init directory (`load_trainable`: KORE re-residualised on the unmodified base);
+1. load the base model onto the worker's device (bfloat16 on GPU, float32 on CPU) and the
+   method's trainable model from its init directory (`load_trainable`: KORE re-residualised
+   on the unmodified base);
 2. restore the trainable weights from the latest checkpoint, if any (before wrapping, so DDP's
    broadcast and FSDP's sharding start from them);
 3. wrap for DDP or FSDP (`prepare_model`), build AdamW over the trainable parameters and the
@@ -150,7 +151,8 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(spec.threads)
 
-    model, preprocessor = load_model(spec.model, spec.dtype)
+    # Straight onto the device: KORE's re-residualisation (W - B0 A0) then runs on the GPU.
+    model, preprocessor = load_model(spec.model, spec.dtype, device=str(device))
     vision = is_vision_language(model.config)
     model = load_trainable(model, spec.init_dir)
     if spec.activation_checkpointing:

@@ -183,10 +183,10 @@ def run_train(
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.train.v2._internal.constants import is_v2_enabled
 
-    if not is_v2_enabled():
-        raise InputError("kore train needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED=0")
+    if not TorchTrainer.__module__.startswith("ray.train.v2"):
+        raise InputError("kore train needs Ray Train V2: ray.train was imported with "
+                         "RAY_TRAIN_V2_ENABLED=0; unset it")
     method = method or cfg.init.method
     t = cfg.train
     if t.strategy == "fsdp" and not t.use_gpu:

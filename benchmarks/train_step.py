@@ -1,0 +1,185 @@
+"""Training step time: KORE vs LoRA at equal trainable parameters; 1 vs 2 Ray Train workers.
+
+Part 1, in this process (no Ray, one thread): the embedded Gemma 3 270M with KORE at rank r
+(B trained, A frozen) and with LoRA at `matched_lora_rank` (A and B trained, same
+trainable-parameter count), on every decoder linear, on the same batch of Q&A
+conversations. Their steps alternate (KORE, LoRA, LoRA, KORE, ...) and the figure is the
+median over the pairs of adjacent steps of KORE step / LoRA step: on a shared machine the
+load changes from minute to minute, and a pair sees the same load. Medians of wall and CPU
+time per method are printed beside it. KORE is built by the real `null_space_init` and
+`apply_kore` (residualised base, A0/B0, B trainable), but from a random orthonormal basis
+instead of the covariance's eigenvectors: a step costs the same for any values of the
+factors, and the eigendecompositions (minutes on 2 cores for 18 layers) belong to
+`kore init`, not to a step.
+
+Part 2, Ray Train: `run_train` on the same model and data (the matched LoRA: it all-reduces
+as many gradients as KORE), 1 worker against 2 workers at the same global batch, each worker
+one CPU thread (a core per worker, as a GPU per worker on a cluster: the ideal ratio is 0.5).
+Figure: median 2-worker step / median 1-worker step, from each run's metrics.jsonl without its
+first step (pipeline warm-up). The two runs follow each other, so a change of machine load
+between them shows in this figure.
+
+    python benchmarks/train_step.py [--rank 64] [--steps 5] [--batch 8]
+
+The last line is {"kore_vs_lora_step": ..., "two_vs_one_worker": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kore_ray.config import load_config
+from kore_ray.constraint import (
+    KoreInit,
+    apply_kore,
+    build_method,
+    matched_lora_rank,
+    model_fingerprint,
+    null_space_init,
+)
+from kore_ray.constraint.adapters import trainable_parameter_count
+from kore_ray.constraint.stage import run_init
+from kore_ray.data.io import write_parquet
+from kore_ray.data.schemas import Conversation
+from kore_ray.data.tokenize import encode_conversation, pad_batch
+from kore_ray.models import load_model
+from kore_ray.models.gemma import embedded_gemma_path
+from kore_ray.models.targets import find_target_groups
+from kore_ray.train.data import conversations_path
+from kore_ray.train.steps import build_optimizer, build_scheduler, train_step
+
+
+def log(message: str) -> None:
+    print(f"[train_step] {message}", file=sys.stderr, flush=True)
+
+
+def conversations(n: int) -> list[Conversation]:
+    return [
+        Conversation(id=f"c{i}", task="qa", messages=[
+            {"role": "user", "content": f"Which city hosts the fictional Vorlan Institute {i}?"},
+            {"role": "assistant", "content": f"The Vorlan Institute {i} is in Quessant, on the "
+                                             f"northern coast, founded in {1900 + 7 * i}."},
+        ])
+        for i in range(n)
+    ]
+
+
+def step_times(models: dict, batches: list[dict], steps: int) -> dict[str, dict[str, list]]:
+    """Wall and CPU seconds of each model's steps, in alternating order; the first step of
+    each model (warm-up) is dropped."""
+    optim = {}
+    for name, model in models.items():
+        model.train()
+        opt = build_optimizer(model, 1e-4)
+        optim[name] = (opt, build_scheduler(opt, steps + 1, 0, "constant"))
+    times = {name: {"wall": [], "cpu": []} for name in models}
+    for i in range(steps + 1):
+        for name in (list(models) if i % 2 == 0 else list(reversed(models))):
+            wall, cpu = time.perf_counter(), time.process_time()
+            train_step(models[name], *optim[name], batches)
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
+    return {name: {k: v[1:] for k, v in t.items()} for name, t in times.items()}
+
+
+def part1(model_dir: Path, rank: int, batch: int, steps: int) -> tuple[float, list[str]]:
+    torch.set_num_threads(1)  # as each Ray worker in part 2; idle OpenMP threads spin on a
+    # shared machine and would turn other people's load into noise
+    kore_model, tokenizer = load_model(str(model_dir))
+    lora_model, _ = load_model(str(model_dir))
+    groups = find_target_groups(kore_model)
+    lora_rank = matched_lora_rank(kore_model, groups, rank)
+    gen = torch.Generator().manual_seed(0)
+    factors = {}
+    for g in groups:
+        d_in = kore_model.get_submodule(g.modules[0]).weight.shape[1]
+        basis = torch.linalg.qr(torch.randn(d_in, rank, dtype=torch.float64, generator=gen))[0]
+        for name in g.modules:
+            factors[name] = null_space_init(kore_model.get_submodule(name).weight, basis)
+    init = KoreInit(factors=factors, leaks={}, model_fingerprint=model_fingerprint(kore_model))
+    models = {
+        "kore": apply_kore(kore_model, init),
+        "lora": build_method(lora_model, "lora", groups, rank=lora_rank),
+    }
+    log(f"part 1: KORE r={rank} and LoRA r={lora_rank} built; timing {steps} steps each")
+    rows = [encode_conversation(tokenizer, c, 256) for c in conversations(batch)]
+    batches = [pad_batch(rows, tokenizer.pad_token_id)]
+    times = step_times(models, batches, steps)
+    tokens = int(batches[0]["attention_mask"].sum())
+    header = f"{'method':<8}{'rank':>6}{'trainable':>12}{'median wall s':>15}{'median CPU s':>14}"
+    lines = [header + f"{'tokens/s':>10}"]
+    for name, r in (("kore", rank), ("lora", lora_rank)):
+        wall, cpu = (statistics.median(times[name][k]) for k in ("wall", "cpu"))
+        lines.append(f"{name:<8}{r:>6}{trainable_parameter_count(models[name]):>12,}"
+                     f"{wall:>15.3f}{cpu:>14.3f}{tokens / wall:>10.0f}")
+    pairs = [k / q for k, q in zip(times["kore"]["wall"], times["lora"]["wall"])]
+    lines.append(f"pair ratios KORE/LoRA: {', '.join(f'{r:.3f}' for r in pairs)}")
+    return statistics.median(pairs), lines
+
+
+def part2(model_dir: Path, rank: int, batch: int, steps: int) -> tuple[float, list[str]]:
+    import ray
+
+    from kore_ray.train import run_train
+    from kore_ray.train.trainer import METRICS, train_dir
+
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    medians, lines = {}, [f"{'workers':<8}{'threads each':>13}{'median step s':>15}"]
+    with tempfile.TemporaryDirectory(prefix="kore-bench-") as tmp:
+        base = [f"run_dir={tmp}", f"model.name_or_path={model_dir}", f"init.rank={rank}",
+                f"train.batch_size={batch}", f"train.max_steps={steps}", "train.max_length=256",
+                f"train.checkpoint_every={steps}"]
+        write_parquet(conversations(4 * batch), conversations_path(tmp), Conversation)
+        run_init(load_config(overrides=base), "lora")
+        for workers in (1, 2):
+            log(f"part 2: run_train with {workers} worker(s)")
+            cfg = load_config(overrides=[*base, f"train.num_workers={workers}",
+                                         f"train.run_name=bench-{workers}w"])
+            run_train(cfg, "lora", progress=False)
+            metrics = [json.loads(line)
+                       for line in (train_dir(tmp, "lora") / METRICS).read_text().splitlines()]
+            medians[workers] = statistics.median(m["step_s"] for m in metrics[1:])
+            lines.append(f"{workers:<8}{1:>13}{medians[workers]:>15.3f}")
+    ray.shutdown()
+    return medians[2] / medians[1], lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank", type=int, default=64,
+                        help="KORE rank (LoRA gets the matched one)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
+    args = parser.parse_args()
+    model_dir = embedded_gemma_path()
+    start = time.perf_counter()
+    print(f"Gemma 3 270M, global batch {args.batch}, {os.cpu_count()} cores\n", flush=True)
+    kore_vs_lora, table = part1(model_dir, args.rank, args.batch, args.steps)
+    print(f"KORE vs LoRA at equal trainable parameters ({torch.get_num_threads()} threads, "
+          "alternating steps):")
+    print("\n".join(table))
+    print(f"-> KORE step / LoRA step, median of pairs = {kore_vs_lora:.3f} (goal <= 1.0)\n",
+          flush=True)
+    log(f"part 1 done after {time.perf_counter() - start:.0f} s")
+    gc.collect()
+    two_vs_one, table = part2(model_dir, args.rank, args.batch, args.steps + 1)
+    print("Ray Train workers (matched LoRA; same global batch; first step excluded):")
+    print("\n".join(table))
+    print(f"-> 2-worker step / 1-worker step = {two_vs_one:.3f} (ideal 0.5: a core per worker)")
+    print(f"({time.perf_counter() - start:.0f} s in all)\n")
+    print(json.dumps({"kore_vs_lora_step": round(kore_vs_lora, 4),
+                      "two_vs_one_worker": round(two_vs_one, 4)}))
+
+
+if __name__ == "__main__":
+    main()
