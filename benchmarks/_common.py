@@ -81,11 +81,14 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(cases: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(cases: dict, repeats: int, warmup: int = 1,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Run every case `warmup` times, then `repeats` rounds, alternating the order each round.
 
     Returns case -> list of wall times. Rounds interleave the cases so that background load on
-    a shared machine hits them alike; compare medians (or per-round ratios).
+    a shared machine hits them alike; compare medians (or per-round ratios). If `cpu` is given
+    it receives case -> this process's CPU times (time.process_time) for the same runs: with
+    one torch thread that is the work done, without the time spent waiting for a core.
     """
     names = list(cases)
     for _ in range(warmup):
@@ -94,7 +97,10 @@ def interleaved(cases: dict, repeats: int, warmup: int = 1) -> dict[str, list[fl
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
+            c0 = time.process_time()
             times[name].append(timed(cases[name]))
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - c0)
     return times
 
 

@@ -7,20 +7,23 @@ Both sides run the same right-padded batches of generated English-like text:
 - covariance: `collect_covariance` over all 72 target groups (q/k/v, o, gate/up, down of the
   18 layers), i.e. the same pass plus the hooks' X^T X sums and the final store.
 
-Cases run interleaved (order flipped each round) after a warm-up; the figure is the median
-of the per-round ratios. For context the table also shows a full forward WITH logits (what a
-hook-on-the-whole-model implementation pays) and the analytic multiply-add counts: computing
-X^T X exactly costs d_in^2 / 2 multiply-adds per token and group even with a perfect
-symmetric kernel, which on this model is about half the decoder's own multiply-adds, so the
-ratio cannot go much below ~1.5 however the accumulation is written.
+Cases run interleaved (order flipped each round) after a warm-up. The figure is the median
+of the per-round ratios of this process's CPU time: with one torch thread that is the time
+spent on a core, without the waits for one on a busy shared machine (with --threads 0 it is
+wall-clock instead, since CPU time would count OpenMP spinning). The table also shows the
+wall-clock ratios, a full forward WITH logits for context (--with-logits: what hooking the
+whole model would pay), and the analytic multiply-adds: X^T X costs d_in^2 / 2 per token and
+group even with a perfect symmetric kernel, about half the decoder's own multiply-adds on
+this model (0.43 counting only the real tokens here), so the ratio cannot go much below
+~1.35 however the accumulation is written.
 
 By default the benchmark runs torch single-threaded (--threads 1): on a shared 2-core machine,
 multi-threaded BLAS/OpenMP under oversubscription slows down by several times at random,
 swamping the ratio; one thread measures the work. --threads 0 keeps torch's default.
 
-    python benchmarks/covariance.py [--batches 2 --batch-size 8 --min-len 64 --max-len 128]
+    python benchmarks/covariance.py [--batches 4 --batch-size 8 --min-len 64 --max-len 128]
 
-Last line: {"overhead_vs_forward": <median covariance time / forward time>}
+Last line: {"overhead_vs_forward": <median per-round covariance time / forward time>}
 """
 
 from __future__ import annotations
@@ -72,13 +75,14 @@ def multiply_adds(model, groups) -> tuple[int, int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--min-len", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=4, help="interleaved rounds after warm-up")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 0 = default")
-    parser.add_argument("--no-logits", action="store_true", help="skip the with-logits context row")
+    parser.add_argument("--with-logits", action="store_true",
+                        help="also time a full forward with logits (context row)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,13 +108,20 @@ def main() -> None:
         collect_covariance(model, batches, groups)
 
     cases = {"forward (decoder, no logits)": forward, "covariance (collect_covariance)": covariance}
-    if not args.no_logits:
+    if args.with_logits:
         cases["forward with logits (context)"] = forward_logits
     start = time.perf_counter()
-    times = interleaved(cases, args.repeats)
+    cpu: dict[str, list[float]] = {}
+    times = interleaved(cases, args.repeats, cpu=cpu)
     elapsed = time.perf_counter() - start
-    fwd, cov = times["forward (decoder, no logits)"], times["covariance (collect_covariance)"]
-    ratio = median([c / f for c, f in zip(cov, fwd)])
+    fwd = times["forward (decoder, no logits)"]
+    cpu_fwd = cpu["forward (decoder, no logits)"]
+    wall_ratio = {name: median([t / f for t, f in zip(ts, fwd)]) for name, ts in times.items()}
+    cpu_ratio = {name: median([t / f for t, f in zip(cpu[name], cpu_fwd)]) for name in times}
+    # One thread: CPU time is the time on a core, without the waits for one on a busy machine.
+    # Several threads: CPU time would count OpenMP spinning, so the figure is wall-clock.
+    single = torch.get_num_threads() == 1
+    ratio = (cpu_ratio if single else wall_ratio)["covariance (collect_covariance)"]
 
     check = reference_check(model, batches[0], groups, collect_covariance(model, batches[:1], groups))
     body, full, half = multiply_adds(model, groups)
@@ -121,10 +132,13 @@ def main() -> None:
           f"(right padding); warm-up 1, {args.repeats} interleaved rounds, {elapsed:.0f} s")
     rows = []
     for name, ts in times.items():
-        ratio_to_fwd = median([t / f for t, f in zip(ts, fwd)])
-        rows.append([name, f"{median(ts):.2f}", f"{min(ts):.2f}", f"{tokens / median(ts):.0f}",
-                     f"{ratio_to_fwd:.3f}"])
-    print(table(rows, ["case", "median s", "min s", "real tokens/s", "x forward (median ratio)"]))
+        rows.append([name, f"{median(ts):.2f}", f"{min(ts):.2f}", f"{median(cpu[name]):.2f}",
+                     f"{tokens / median(cpu[name]):.0f}", f"{wall_ratio[name]:.3f}",
+                     f"{min(ts) / min(fwd):.3f}", f"{cpu_ratio[name]:.3f}"])
+    print(table(rows, ["case", "wall median s", "wall min s", "CPU median s", "tokens/CPU-s",
+                       "x fwd: wall, median", "wall, mins", "CPU, median"]))
+    print(f"figure: median of per-round {'CPU-time' if single else 'wall-clock'} ratios "
+          f"covariance / forward = {ratio:.3f}")
     print(f"store vs a plain full X^T X of batch 1 (float32 per batch, float64 sum): max relative "
           f"difference {check:.1e}")
     print(f"multiply-adds per token: decoder linears {body / 1e6:.1f}M; X^T X of all groups "
