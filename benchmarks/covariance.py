@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--min-len", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=4, help="interleaved rounds after warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds after warm-up")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 0 = default")
     parser.add_argument("--with-logits", action="store_true",
                         help="also time a full forward with logits (context row)")
