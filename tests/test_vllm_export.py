@@ -121,7 +121,7 @@ def test_exported_kore_adapter_serves_in_vllm_like_peft(tmp_path):
                                 "max_lora_rank": RANK, "prompts": prompts, "top": TOP}))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run([sys.executable, str(WORKER), str(spec), str(out)], env=env,
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=900, check=False)
     assert run.returncode == 0, f"vLLM worker failed:\n{run.stderr[-4000:]}"
     result = json.loads(out.read_text())
 

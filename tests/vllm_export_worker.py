@@ -26,7 +26,8 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    spec = json.loads(open(spec_path).read())
+    with open(spec_path) as fh:
+        spec = json.load(fh)
     llm = LLM(
         model=spec["model"],
         dtype="float32",
