@@ -188,7 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
     reduce = _all_reduce if world > 1 else (lambda t: t)
     dtype = getattr(torch, spec.dtype)
     every_print = max(1, spec.total_steps // 20)
-    step, clock = start, time.perf_counter()
+    step, clock, cpu_clock = start, time.perf_counter(), time.process_time()
     for batch in batches:
         if batch.step < start:
             continue
@@ -200,8 +200,8 @@ def train_loop_per_worker(config: dict) -> None:
             world_size=world, all_reduce=reduce, max_grad_norm=spec.max_grad_norm,
         )
         step += 1
-        now = time.perf_counter()
-        seconds, clock = now - clock, now
+        now, cpu_now = time.perf_counter(), time.process_time()
+        seconds, cpu_seconds, clock, cpu_clock = now - clock, cpu_now - cpu_clock, now, cpu_now
         record = {
             "step": step,
             "epoch": round(step * spec.global_batch / spec.rows_per_epoch, 4),
@@ -211,6 +211,7 @@ def train_loop_per_worker(config: dict) -> None:
             "tokens": stats.tokens,
             "loss_tokens": stats.loss_tokens,
             "step_s": round(seconds, 4),
+            "cpu_s": round(cpu_seconds, 4),  # this process (all threads): compute, not waiting
             "tokens_per_s": round(stats.tokens / seconds, 1),
             "time": time.time(),
         }
