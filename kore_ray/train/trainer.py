@@ -28,7 +28,9 @@ Scale. Workers are DDP replicas (gloo on CPU, nccl on GPU) unless `train.strateg
   full, FSDP on N:  54 / N GB (8 GPUs: ~7 GB) plus one decoder layer's all-gathered weights.
   KORE/LoRA, FSDP:  (13.5 + 5) / N GB; worth it from ~13B, or to free memory for longer
                     sequences.
-Activations grow with micro-batch x sequence length; `train.activation_checkpointing`
+Each worker loads the whole bfloat16 base onto its GPU before FSDP shards it (KORE's
+re-residualisation needs the full weights), so one GPU must hold the base once: up to ~30B
+on 80 GB. Activations grow with micro-batch x sequence length; `train.activation_checkpointing`
 trades ~30% step time for most of them, `train.micro_batch_size` splits a worker's share.
 bfloat16 is used on GPU only: CPU bf16 matmuls are slow and the CPU tests compare in float32.
 """
