@@ -60,6 +60,7 @@ from kore_ray.constraint.store import (
     model_fingerprint,
     save_store,
 )
+from kore_ray.data.tokenize import pad_token_id
 from kore_ray.errors import InputError, ModelError
 from kore_ray.models.loading import is_vision_language, load_model
 from kore_ray.models.targets import TargetGroup, find_target_groups
@@ -102,14 +103,6 @@ def model_spec(name_or_path: str, dtype: str = "float32"):
     return spec, tokenizer
 
 
-def _pad_id(tokenizer) -> int:
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return candidate
-    return 0  # padded positions are masked out of the sums: any id will do
-
-
 class Tokenize:
     """CPU stage: the texts of each micro-batch -> token ids (padding is left to the model actor)."""
 
@@ -140,7 +133,7 @@ class CovarianceWorker:
         hf_logging.disable_progress_bar()  # one weight-loading bar per actor restart is noise
         self.spec, self.normalize, self.max_length = spec, normalize, max_length
         self.model, self.processor = load_model(spec.name_or_path, spec.dtype, device)
-        self.pad_id = _pad_id(self.processor)
+        self.pad_id = pad_token_id(self.processor)
 
     def _batches(self, table: pa.Table):
         if "input_ids" in table.column_names:

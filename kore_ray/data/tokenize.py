@@ -102,6 +102,16 @@ def encode_retention(tokenizer, record, max_length: int) -> list[int]:
     )["input_ids"]
 
 
+def pad_token_id(preprocessor) -> int:
+    """The id to pad with (a processor's tokenizer's): pad, else eos. Padded positions are
+    masked out of losses and covariance sums, so any id would do when neither exists."""
+    tokenizer = getattr(preprocessor, "tokenizer", preprocessor)
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
 def pad_batch(rows: list[dict], pad_id: int, side: str = "right") -> dict:
     """Stack encoded rows into input_ids / attention_mask (/ labels) tensors."""
     import torch

@@ -299,11 +299,3 @@ class Collate(NumpyBatchCollateFn):
                 step, [vision_batch(self.preprocessor, c, self.max_length) for c in chunks]
             )
         return StepBatch(step, [pad_batch(c, self.pad_id) for c in chunks])
-
-
-def pad_token_id(preprocessor) -> int:
-    tokenizer = getattr(preprocessor, "tokenizer", preprocessor)
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return candidate
-    return 0  # padded positions are masked and carry no loss: any id will do

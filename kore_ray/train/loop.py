@@ -33,6 +33,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 
 from kore_ray.constraint.stage import load_trainable
+from kore_ray.data.tokenize import pad_token_id
 from kore_ray.errors import ModelError
 from kore_ray.models.loading import is_vision_language, load_model
 from kore_ray.train.checkpoint import (
@@ -44,7 +45,7 @@ from kore_ray.train.checkpoint import (
     trainable_names,
     write_checkpoint,
 )
-from kore_ray.train.data import Collate, pad_token_id, shard_name
+from kore_ray.train.data import Collate, shard_name
 from kore_ray.train.steps import build_optimizer, build_scheduler, train_step
 
 
