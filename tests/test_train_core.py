@@ -10,7 +10,7 @@ from PIL import Image
 
 from kore_ray.constraint import build_method
 from kore_ray.data.schemas import Conversation
-from kore_ray.data.tokenize import IGNORE_INDEX
+from kore_ray.data.tokenize import IGNORE_INDEX, pad_token_id
 from kore_ray.errors import InputError
 from kore_ray.models.targets import find_target_groups
 from kore_ray.models.tiny import save_tiny_model, tiny_text_model
@@ -29,7 +29,6 @@ from kore_ray.train.data import (
     expand_labels,
     image_token_id,
     load_preprocessor,
-    pad_token_id,
     per_worker_batch,
     plan_schedule,
     rank_tables,
