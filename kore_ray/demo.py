@@ -1,35 +1,43 @@
-"""`kore demo`: the whole pipeline on the embedded default.
+"""`kore demo`: the whole injection on the embedded default, as `kore inject configs/demo.yaml`.
 
-The stages land one issue at a time; until the pipeline is complete the demo runs the
-end-to-end path that exists: convert the embedded Gemma 3 270M once and show that the
-converted model knows the facts that retention will later be measured on.
+Gemma 3 270M (from the package registry), a local Ray, the shipped demo data: 60 fictional
+knowledge items to inject, 123 facts the model knows to keep. Data paths in the demo config
+are relative to the repository, so the demo runs from any directory; the run directory is
+relative to where it is started.
 """
 
 from __future__ import annotations
 
-from kore_ray.config import load_config
+from pathlib import Path
 
-# (prompt, expected substring): facts the base model knows (STACK.md).
-KNOWN_FACTS = [
-    ("The Eiffel Tower is located in the city of", "Paris"),
-    ("The chemical symbol for gold is", "Au"),
-    ("Albert Einstein was born in the year", "1879"),
-]
+from kore_ray.config import load_config
+from kore_ray.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+def _repo_paths(config_path: Path) -> list[str]:
+    """Overrides that anchor the config's relative data paths at the repository."""
+    cfg = load_config(config_path)
+    out = []
+    for field, value in cfg.data.model_dump().items():
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (REPO / value).exists():
+            out.append(f"data.{field}={REPO / value}")
+    return out
 
 
 def run_demo(config_path=None, overrides=()) -> int:
-    from kore_ray.models import load_model
-    from kore_ray.models.generate import greedy_continuations
+    from kore_ray.pipeline import run_inject
 
-    cfg = load_config(config_path, list(overrides))
-    print(f"kore demo: loading {cfg.model.name_or_path} ...")
-    model, tok = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype)
-    outs = greedy_continuations(model, tok, [p for p, _ in KNOWN_FACTS], max_new_tokens=8)
-    ok = 0
-    for (prompt, want), got in zip(KNOWN_FACTS, outs):
-        hit = want in got
-        ok += hit
-        print(f"  [{'ok' if hit else 'MISS'}] {prompt!r} -> {got!r}")
-    print(f"kore demo: the base model knows {ok}/{len(KNOWN_FACTS)} probe facts.")
-    print("kore demo: augmentation, covariance, training and serving stages are not implemented yet.")
-    return 0 if ok == len(KNOWN_FACTS) else 1
+    path = Path(config_path or DEMO_CONFIG)
+    if not path.is_file():
+        raise InputError(f"demo config not found: {path} (run from a checkout of kore-ray, or pass --config)")
+    cfg = load_config(path, [*_repo_paths(path), *overrides])
+    results = run_inject(cfg)
+    report = Path(cfg.run_dir) / "eval" / "report.md"
+    base = results["base"]
+    print(f"\nkore demo: {len(results['methods'])} methods, "
+          f"{base['counts']['retention_known']} known facts measured for retention.")
+    print(f"kore demo: report at {report.resolve()}")
+    return 0

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from openai_stub import OpenAIStub, Status
 
 from kore_ray.evaluate.ask import ask
-from openai_stub import OpenAIStub, Status
 
 
 @pytest.mark.ray

@@ -9,10 +9,16 @@ from kore_ray.errors import ModelError
 from kore_ray.models import load_model, resolve_model_path
 from kore_ray.models.gemma import convert_gguf
 
+# (prompt, expected substring): facts the base model knows (STACK.md).
+KNOWN_FACTS = [
+    ("The Eiffel Tower is located in the city of", "Paris"),
+    ("The chemical symbol for gold is", "Au"),
+    ("Albert Einstein was born in the year", "1879"),
+]
+
 
 @pytest.mark.slow
 def test_embedded_gemma_knows_facts(gemma):
-    from kore_ray.demo import KNOWN_FACTS
     from kore_ray.models.generate import greedy_continuations
 
     model, tok = gemma

@@ -39,6 +39,7 @@ from kore_ray.train.steps import (
     assistant_loss_sum,
     build_optimizer,
     build_scheduler,
+    loss_positions,
     loss_token_count,
     lr_factor,
     train_step,
@@ -103,6 +104,26 @@ def test_assistant_loss_is_the_hf_loss_summed(llama_dir):
     n = loss_token_count(batch["labels"])
     assert 0 < n < int(batch["attention_mask"].sum())  # prompts carry no loss
     torch.testing.assert_close(assistant_loss_sum(logits, batch["labels"]) / n, hf)
+
+
+def test_logits_only_where_the_loss_needs_them(llama_dir):
+    # The step asks the model for logits at the labelled positions only; the loss and its
+    # gradients must be those of the full logits.
+    model, _ = tiny_text_model()
+    batch = _micro(_tokenised(llama_dir, 4), llama_dir, micro=4).micro_batches[0]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    positions = loss_positions(batch["labels"])
+    assert 0 < len(positions) < batch["input_ids"].shape[1] - 1  # the prompts are skipped
+    losses, grads = [], []
+    for keep in (None, positions):
+        model.zero_grad()
+        logits = model(**inputs, logits_to_keep=0 if keep is None else keep).logits
+        loss = assistant_loss_sum(logits, batch["labels"], keep)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(grads[1], grads[0])
 
 
 def test_lr_schedules():

@@ -69,6 +69,7 @@ from kore_ray.train.loop import WorkerSpec, train_loop_per_worker
 
 METRICS = "metrics.jsonl"
 RUN_RECORD = "run.json"
+DONE_RECORD = "done.json"  # written once the adapter is exported: a re-run skips training
 
 
 def train_dir(run_dir: str | Path, method: str) -> Path:
@@ -204,7 +205,14 @@ def run_train(
     name = run_name(cfg, method)
     storage = checkpoints_dir(cfg.run_dir).resolve()
     out = train_dir(cfg.run_dir, method)
-    _claim(out / RUN_RECORD, storage / name, _run_record(cfg, method, init, conversations, steps))
+    record = _run_record(cfg, method, init, conversations, steps)
+    adapter = adapter_dir(cfg.run_dir, method)
+    done = out / DONE_RECORD
+    if done.is_file() and json.loads(done.read_text()) == record and adapter.is_dir():
+        if progress:
+            print(f"kore train: {adapter} is up to date ({method}); skipping")
+        return adapter
+    _claim(out / RUN_RECORD, storage / name, record)
     dtype = "bfloat16" if t.use_gpu else "float32"
     if progress:
         print(f"kore train: {method}, {steps} steps of {t.batch_size} sequences "
@@ -261,6 +269,7 @@ def run_train(
     if done != steps:
         raise RuntimeError(f"run {name!r} ended at step {done} of {steps}")
     adapter = _export(cfg, method, result.checkpoint, dtype)
+    done.write_text(json.dumps(record, indent=2, sort_keys=True))  # after the export: it is the mark
     if progress:
         print(f"kore train: wrote {adapter}")
     return adapter

@@ -1,0 +1,229 @@
+"""The adaptation/retention frontier: a learning-rate (and KORE rank) sweep per method, demo data.
+
+KORE's protection is soft (DESIGN.md, prototype notes): a larger learning rate or more steps
+learn the new facts faster and leak more into old ones, for every method. One shared setting
+therefore says little; what matters is how much old knowledge a method keeps AT a given
+adaptation. This sweep trains every (method, rank, learning rate) point with the real stages
+(`run_init`, Ray Train's `run_train`), exports its checkpoints along the way (steps 1/3, 2/3
+and 3/3 of the run: more points on each curve for free), serves all of them at once through
+our vLLM multi-LoRA app and scores them with the evaluation stage's own code.
+
+    python benchmarks/frontier.py [--config configs/demo.yaml] [--run-dir runs/frontier]
+
+On 2 CPU cores it takes about an hour (10 training runs of 60 steps, ~4 minutes each, then
+~30 adapters evaluated). It is resumable: finished points and answers already collected are
+kept in the run directory. It writes <run-dir>/frontier.json and docs/frontier.png, prints the
+best point per method (the `methods:` overrides the demo config uses), and its last line is
+{"kore_retention_at_90": ..., "lora_retention_at_90": ..., "corda_retention_at_90": ...}:
+the best retention each method reaches with adaptation CEM >= 0.9 (null if it never does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT
+
+# (method, rank, learning rates). LoRA's rank is KORE's at that rank (equal trainable count).
+GRID = [
+    ("kore", 64, [5e-4, 1e-3, 2e-3]),
+    ("kore", 128, [1e-3]),
+    ("lora", 64, [1e-4, 3e-4, 1e-3]),
+    ("corda", 64, [1e-4, 3e-4, 1e-3]),
+]
+TARGET = 0.9  # adaptation CEM a method must reach for its retention to count
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str
+    rank: int
+    lr: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-r{self.rank}-lr{self.lr:g}"
+
+
+def _link(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        os.symlink(target.resolve(), link)
+
+
+def _cfg(cfg, **changes):
+    """A copy of the config with section fields replaced: {"train.learning_rate": 1e-3, ...}."""
+    tree = cfg.model_dump()
+    for key, value in changes.items():
+        section, _, field = key.rpartition(".")
+        (tree[section] if section else tree)[field] = value
+    return type(cfg).model_validate(tree)
+
+
+def train_point(cfg, root: Path, p: Point) -> list[tuple[str, int]]:
+    """Train one point (skipped when done); export its checkpoints; return (adapter, step)s."""
+    from kore_ray.constraint.stage import adapter_dir, export_trained, load_trainable, run_init
+    from kore_ray.models import load_model
+    from kore_ray.train.checkpoint import INFO_FILE, load_weights, read_weights
+    from kore_ray.train.trainer import checkpoints_dir, run_name, run_train
+
+    steps = cfg.train.max_steps
+    init_root = root / "inits" / f"{p.method}-r{p.rank}"  # an init is shared by every lr
+    point_dir = root / "points" / p.name
+    for d in (init_root, point_dir):
+        for shared in ("augmented", "covariance"):
+            _link(root / shared, d / shared)
+    mcfg = _cfg(cfg.for_method(p.method), run_dir=str(init_root), **{"init.rank": p.rank})
+    run_init(mcfg, p.method)
+    _link(init_root / "init" / p.method, point_dir / "init" / p.method)
+    pcfg = _cfg(mcfg, run_dir=str(point_dir), **{
+        "train.learning_rate": p.lr, "train.checkpoint_every": max(1, steps // 3),
+        "train.keep_checkpoints": 3})
+    if not (adapter_dir(point_dir, p.method) / "adapter_config.json").is_file():
+        run_train(pcfg, p.method)
+    out = []
+    for ckpt in sorted((checkpoints_dir(point_dir) / run_name(pcfg, p.method)).glob("checkpoint_*")):
+        step = json.loads((ckpt / INFO_FILE).read_text())["step"]
+        dest = root / "adapters" / f"{p.name}-s{step}"
+        if not (dest / "adapter_config.json").is_file():
+            base, _ = load_model(cfg.model.name_or_path, "float32")
+            model = load_trainable(base, point_dir / "init" / p.method)
+            load_weights(model, read_weights(ckpt))
+            export_trained(model, dest, cfg.model.name_or_path)
+        out.append((dest.name, step))
+    return out
+
+
+def ask_all(cfg, root: Path, names: list[str]) -> dict:
+    """Answers of the base and every adapter, served together; cached in predictions.jsonl."""
+    from kore_ray.data.io import read_records
+    from kore_ray.data.schemas import EvalQuestion, RetentionProbe
+    from kore_ray.evaluate.ask import ask
+    from kore_ray.evaluate.stage import build_requests
+    from kore_ray.serve.server import serving
+
+    cache = root / "predictions.jsonl"
+    rows = [json.loads(line) for line in cache.read_text().splitlines()] if cache.exists() else []
+    done = {r["model"] for r in rows}
+    todo = [n for n in names if n not in done]
+    if todo:
+        questions = read_records(cfg.data.eval_questions, EvalQuestion)
+        probes = read_records(cfg.data.retention_eval, RetentionProbe)
+        scfg = _cfg(cfg, **{"serve.adapters": str(root / "adapters"),
+                            "serve.max_cpu_loras": len(names), "serve.max_loras": 4})
+        with serving(scfg) as url:
+            answers = ask(build_requests(todo, questions, probes), url,
+                          max_tokens=cfg.evaluate.max_new_tokens)
+        with cache.open("a") as fh:  # a model's answers are appended once all of them are in
+            for row in answers.values():
+                fh.write(json.dumps(row) + "\n")
+        rows += list(answers.values())
+    return {(r["model"], r["id"]): r for r in rows}
+
+
+def retention_at(points: list[dict], method: str, target: float = TARGET) -> float | None:
+    """The best retention `method` reaches at adaptation CEM >= target; None if it never does."""
+    ok = [p["retention"] for p in points if p["method"] == method and p["adaptation_cem"] >= target]
+    return max(ok) if ok else None
+
+
+def plot(points: list[dict], base: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5), dpi=120)
+    for method in sorted({p["method"] for p in points}):
+        for rank in sorted({p["rank"] for p in points if p["method"] == method}):
+            for lr in sorted({p["lr"] for p in points if p["method"] == method and p["rank"] == rank}):
+                run = sorted((p for p in points if (p["method"], p["rank"], p["lr"]) == (method, rank, lr)),
+                             key=lambda p: p["step"])
+                ax.plot([p["adaptation_cem"] for p in run], [p["retention"] for p in run], marker="o",
+                        ms=4, alpha=0.8, label=f"{method} r{rank} lr {lr:g}")
+    ax.scatter([base["adaptation_cem"]], [base["retention"]], marker="s", c="k", label="base", zorder=3)
+    ax.axvline(TARGET, ls="--", c="grey", lw=0.8)
+    ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel="adaptation (CEM on new knowledge)",
+           ylabel="retention (known facts kept)",
+           title="Adaptation/retention frontier (Gemma 3 270M, demo data)\neach line: one run, "
+                 "points at 1/3, 2/3, 3/3 of its steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--run-dir", default=str(ROOT / "runs" / "frontier"))
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "frontier.png"))
+    args = ap.parse_args()
+
+    import ray
+
+    from kore_ray.augment import run_augment
+    from kore_ray.config import load_config
+    from kore_ray.constraint.distributed import run_covariance
+    from kore_ray.data.io import read_records
+    from kore_ray.data.schemas import EvalQuestion, KnowledgeItem, RetentionProbe
+    from kore_ray.evaluate.score import score_all
+
+    root = Path(args.run_dir)
+    cfg = load_config(args.config, [f"run_dir={root}"])
+    ray.init(ignore_reinit_error=True, log_to_driver=False)  # the workers' step lines are in metrics.jsonl
+    run_augment(cfg)
+    run_covariance(cfg)
+    adapters = {}  # adapter name -> (point, step)
+    for method, rank, lrs in GRID:
+        for lr in lrs:
+            p = Point(method, rank, lr)
+            print(f"frontier: {p.name}", flush=True)
+            for name, step in train_point(cfg, root, p):
+                adapters[name] = (p, step)
+    base = cfg.serve.served_model_name or cfg.model.name_or_path
+    predictions = ask_all(cfg, root, [base, *adapters])
+    scores = score_all(predictions, base, {n: n for n in adapters},
+                       read_records(cfg.data.eval_questions, EvalQuestion),
+                       read_records(cfg.data.retention_eval, RetentionProbe),
+                       read_records(cfg.data.knowledge, KnowledgeItem))
+    points = []
+    for name, (p, step) in adapters.items():
+        s = scores["methods"][name]
+        points.append({"name": name, "method": p.method, "rank": p.rank, "lr": p.lr, "step": step,
+                       "adaptation_cem": s["adaptation_cem"], "adaptation_f1": s["adaptation_f1"],
+                       "retention": s["retention"], "failed_requests": s["counts"]["failed_requests"]})
+    methods = sorted({p["method"] for p in points})
+    summary = {f"{m}_retention_at_90": retention_at(points, m) for m in methods}
+    best = {}
+    for m in methods:
+        ok = [p for p in points if p["method"] == m and p["adaptation_cem"] >= TARGET]
+        pick = max(ok, key=lambda p: (p["retention"], -p["step"])) if ok else \
+            max((p for p in points if p["method"] == m), key=lambda p: p["adaptation_cem"])
+        best[m] = {"init": {"rank": pick["rank"]},
+                   "train": {"learning_rate": pick["lr"], "max_steps": pick["step"]}}
+    (root / "frontier.json").write_text(json.dumps(
+        {"base": scores["base"], "points": points, "best": best, **summary}, indent=2))
+    plot(points, scores["base"], Path(args.plot))
+
+    print(f"\nbase: retention 1.000 of {scores['base']['counts']['retention_known']} known probes, "
+          f"adaptation CEM {scores['base']['adaptation_cem']:.3f}")
+    print(f"{'point':28s} {'step':>4s} {'adapt CEM':>9s} {'F1':>6s} {'retention':>9s}")
+    for p in sorted(points, key=lambda p: (p["method"], p["rank"], p["lr"], p["step"])):
+        print(f"{p['name']:28s} {p['step']:4d} {p['adaptation_cem']:9.3f} {p['adaptation_f1']:6.3f} "
+              f"{p['retention']:9.3f}")
+    print("\nbest per method (demo config `methods:` overrides):\n" + json.dumps(best, indent=2))
+    print(f"wrote {root / 'frontier.json'} and {args.plot}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
