@@ -12,23 +12,15 @@ from kore_ray.errors import KoreError
 METHODS = get_args(Method)
 
 STAGES = {
-    "augment": ("Turn knowledge items into training conversations (KORE-AUGMENTATION).", 5),
-    "covariance": ("Collect per-layer input covariance on retention data.", 4),
-    "init": ("Null-space adapter initialisation from a covariance store (KORE-CONSTRAINT).", 3),
-    "train": ("Fine-tune from the initialisation on Ray Train.", 6),
-    "export": ("Export a trained KORE model as a plain rank-r LoRA for the unmodified base.", 3),
-    "serve": ("Serve the base model and its adapters (Ray Serve + vLLM, OpenAI API).", 7),
-    "evaluate": ("Measure adaptation (CEM, F1) and retention through the served endpoint.", 8),
-    "inject": ("Run the whole pipeline from a config.", 8),
+    "augment": "Turn knowledge items into training conversations (KORE-AUGMENTATION).",
+    "covariance": "Collect per-layer input covariance on retention data.",
+    "init": "Null-space adapter initialisation from a covariance store (KORE-CONSTRAINT).",
+    "train": "Fine-tune from the initialisation on Ray Train.",
+    "export": "Export a trained checkpoint as a plain LoRA for the unmodified base (train does it at its end).",
+    "serve": "Serve the base model and its adapters (Ray Serve + vLLM, OpenAI API).",
+    "evaluate": "Measure adaptation (CEM, F1) and retention through the served endpoint.",
+    "inject": "Run the whole pipeline from a config.",
 }
-
-
-def _not_yet(name: str, issue: int):
-    def run(args) -> int:
-        print(f"kore {name}: not yet implemented (tracked in issue {issue}).", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def _config(args):
@@ -70,6 +62,18 @@ def _train(args) -> int:
     cfg = _config(args)
     for method in args.method or [cfg.init.method]:
         run_train(cfg.for_method(method), method)
+    return 0
+
+
+def _export(args) -> int:
+    from kore_ray.train.trainer import run_export
+
+    cfg = _config(args)
+    methods = args.method or [cfg.init.method]
+    if args.checkpoint and len(methods) > 1:
+        raise KoreError("--checkpoint belongs to one method; give one --method")
+    for method in methods:
+        run_export(cfg.for_method(method), method, args.checkpoint)
     return 0
 
 
@@ -127,12 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     handlers = {"augment": _augment, "covariance": _covariance, "init": _init, "train": _train,
-                "serve": _serve, "evaluate": _evaluate, "inject": _inject}
+                "export": _export, "serve": _serve, "evaluate": _evaluate, "inject": _inject}
     parsers = {
-        name: add(name, help_, handlers.get(name) or _not_yet(name, issue))
-        for name, (help_, issue) in STAGES.items()
+        name: add(name, help_, handlers[name])
+        for name, help_ in STAGES.items()
     }
-    for name, what in [("init", "initialise"), ("train", "train"), ("evaluate", "evaluate"),
+    for name, what in [("init", "initialise"), ("train", "train"), ("export", "export"), ("evaluate", "evaluate"),
                        ("inject", "run")]:
         parsers[name].add_argument(
             "--method", action="append", choices=list(METHODS),
@@ -142,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         parsers[name].add_argument("--force", action="store_true", help="redo up-to-date work")
     parsers["covariance"].add_argument(
         "--add-to", metavar="STORE", help="add this data to an existing store of the same model")
+    parsers["export"].add_argument(
+        "--checkpoint", metavar="DIR", help="export this checkpoint (default: the run's latest)")
     parsers["evaluate"].add_argument(
         "--base-url", help="an endpoint already serving this run's adapters (default: start one)")
     parsers["inject"].add_argument("config_file", nargs="?", metavar="CONFIG", help="pipeline config")

@@ -28,7 +28,14 @@ from kore_ray.models.tiny import save_tiny_model
 from kore_ray.train import run_train
 from kore_ray.train.checkpoint import load_weights, read_weights
 from kore_ray.train.data import conversations_path
-from kore_ray.train.trainer import METRICS, checkpoints_dir, run_name, train_dir
+from kore_ray.train.trainer import (
+    METRICS,
+    checkpoints,
+    checkpoints_dir,
+    run_export,
+    run_name,
+    train_dir,
+)
 
 pytestmark = pytest.mark.ray
 STEPS = 6
@@ -179,6 +186,26 @@ def test_a_restarted_driver_continues_without_redoing_steps(
     run_train(cfg, "kore", progress=False)  # a new driver, same run directory
     _resumed_at_step_2(cfg, float(marker.read_text()))
     assert _losses(cfg) == pytest.approx(_losses(one_worker[0]), rel=1e-6)
+
+
+def test_a_finished_run_is_skipped_and_kore_export_rewrites_its_adapter(one_worker):
+    cfg, adapter = one_worker
+    trained = load_file(str(adapter / "adapter_model.safetensors"))
+    metrics = train_dir(cfg.run_dir, "kore") / METRICS
+    stamp = metrics.stat().st_mtime_ns
+    assert run_train(cfg, "kore", progress=False) == adapter  # up to date: no training
+    assert metrics.stat().st_mtime_ns == stamp
+
+    kept = checkpoints(cfg, "kore")
+    assert [s for s, _ in kept][-1] == STEPS and len(kept) > 1
+    run_export(cfg, "kore", kept[0][1])  # an earlier checkpoint: other weights
+    early = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any(not torch.equal(early[k], trained[k]) for k in trained)
+    run_export(cfg, "kore")  # the latest: exactly what training exported
+    again = load_file(str(adapter / "adapter_model.safetensors"))
+    assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in trained)
+    with pytest.raises(InputError, match="not a kore train checkpoint"):
+        run_export(cfg, "kore", cfg.run_dir)
 
 
 def test_resuming_with_other_settings_is_refused(one_worker):

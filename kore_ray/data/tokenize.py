@@ -120,12 +120,13 @@ def pad_batch(rows: list[dict], pad_id: int, side: str = "right") -> dict:
     out = {"input_ids": [], "attention_mask": []}
     if "labels" in rows[0]:
         out["labels"] = []
+
+    def fill(seq: list, value: int) -> list:
+        pad = [value] * (width - len(seq))
+        return seq + pad if side == "right" else pad + seq
+
     for r in rows:
-        n, pad = len(r["input_ids"]), width - len(r["input_ids"])
-
-        def fill(seq, value):
-            return seq + [value] * pad if side == "right" else [value] * pad + seq
-
+        n = len(r["input_ids"])
         out["input_ids"].append(fill(list(r["input_ids"]), pad_id))
         out["attention_mask"].append(fill([1] * n, 0))
         if "labels" in out:

@@ -162,13 +162,38 @@ def _shards(cfg: PipelineConfig, conversations, schedule, progress: bool) -> dic
     return {shard_name(k): part for k, part in enumerate(parts)}
 
 
-def _export(cfg: PipelineConfig, method: str, checkpoint, dtype: str) -> Path:
-    """The trained model from the final checkpoint, exported (see stage.export_trained)."""
+def export_checkpoint(cfg: PipelineConfig, method: str, checkpoint: str | Path,
+                      dest: str | Path | None = None, dtype: str = "float32") -> Path:
+    """A trained checkpoint of `method`, exported (see stage.export_trained) to `dest`
+    (default <run_dir>/adapter/<method>)."""
     base, _ = load_model(cfg.model.name_or_path, dtype)
     model = load_trainable(base, init_dir(cfg.run_dir, method))
-    with checkpoint.as_directory() as directory:
-        load_weights(model, read_weights(directory))
-    return export_trained(model, adapter_dir(cfg.run_dir, method), cfg.model.name_or_path)
+    load_weights(model, read_weights(checkpoint))
+    return export_trained(model, dest or adapter_dir(cfg.run_dir, method), cfg.model.name_or_path)
+
+
+def checkpoints(cfg: PipelineConfig, method: str) -> list[tuple[int, Path]]:
+    """(step, directory) of every checkpoint `method`'s run kept, in step order."""
+    found = []
+    for d in (checkpoints_dir(cfg.run_dir) / run_name(cfg, method)).glob("*"):
+        if (d / INFO_FILE).is_file():  # Ray Train's own files sit beside the checkpoints
+            found.append((json.loads((d / INFO_FILE).read_text())["step"], d))
+    return sorted(found)
+
+
+def run_export(cfg: PipelineConfig, method: str, checkpoint: str | Path | None = None) -> Path:
+    """`kore export`: the latest (or the given) checkpoint of `method` as its adapter."""
+    if checkpoint is None:
+        found = checkpoints(cfg, method)
+        if not found:
+            raise InputError(f"no checkpoints of {method!r} under {checkpoints_dir(cfg.run_dir)} "
+                             f"(run `kore train --method {method}`)")
+        checkpoint = found[-1][1]
+    elif not (Path(checkpoint) / INFO_FILE).is_file():
+        raise InputError(f"{checkpoint}: not a kore train checkpoint (no {INFO_FILE})")
+    out = export_checkpoint(cfg, method, checkpoint)
+    print(f"kore export: {checkpoint} -> {out}")
+    return out
 
 
 def run_train(
@@ -268,7 +293,8 @@ def run_train(
         done = json.loads((Path(directory) / INFO_FILE).read_text())["step"]
     if done != steps:
         raise RuntimeError(f"run {name!r} ended at step {done} of {steps}")
-    adapter = _export(cfg, method, result.checkpoint, dtype)
+    with result.checkpoint.as_directory() as directory:
+        adapter = export_checkpoint(cfg, method, directory, dtype=dtype)
     done.write_text(json.dumps(record, indent=2, sort_keys=True))  # after the export: it is the mark
     if progress:
         print(f"kore train: wrote {adapter}")
