@@ -139,6 +139,8 @@ class EvaluateConfig(_Section):
 
 
 class PipelineConfig(_Section):
+    # A local path, or on a cluster a filesystem every node mounts (NFS, EFS, ...): the stages
+    # use plain file I/O and Ray Train keeps its checkpoints there. Not an object-store URI.
     run_dir: str = "runs/demo"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -151,6 +153,13 @@ class PipelineConfig(_Section):
     # Per-method overrides of any section, e.g. {lora: {train: {learning_rate: 1e-4}}}: methods
     # are compared at their own best settings (the adaptation/retention frontier), not one shared.
     methods: dict[Method, dict] = {}
+
+    @model_validator(mode="after")
+    def _local_run_dir(self):
+        if "://" in self.run_dir:
+            raise ValueError(f"run_dir {self.run_dir!r}: object-store run directories are not "
+                             "supported; use a path every node mounts (NFS, EFS, ...)")
+        return self
 
     def for_method(self, method: str) -> PipelineConfig:
         """This config with `methods[method]`'s overrides applied (and validated)."""

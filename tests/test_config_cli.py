@@ -39,6 +39,7 @@ def test_overrides_are_typed():
         ("augment:\n  min_actors: 5\n  max_actors: 2\n", "min_actors"),
         ("- a\n- b\n", "mapping"),
         ("train: [unclosed\n", "not valid YAML"),
+        ("run_dir: s3://bucket/runs\n", "object-store run directories are not supported"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, yaml_text, match):
