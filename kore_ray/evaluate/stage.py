@@ -7,6 +7,7 @@ as completions, all greedy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -36,6 +37,24 @@ def build_requests(models: list[str], questions: list[EvalQuestion],
     return rows
 
 
+def _digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def evaluation_inputs(cfg: PipelineConfig, methods: list[str]) -> dict:
+    """What the results depend on: a re-run with the same inputs reuses eval/results.json."""
+    return {
+        "model": cfg.model.name_or_path,
+        "max_new_tokens": cfg.evaluate.max_new_tokens,
+        "adapters": {m: _digest(adapter_dir(cfg.run_dir, m) / "adapter_model.safetensors") for m in methods},
+        "data": {k: _digest(getattr(cfg.data, k)) for k in ("knowledge", "eval_questions", "retention_eval")},
+    }
+
+
 def run_evaluate(cfg: PipelineConfig, methods: list[str] | None = None, base_url: str | None = None,
                  progress: bool = True) -> dict:
     """Score the base and each method; write <run_dir>/eval/. Starts the Serve app unless
@@ -51,6 +70,11 @@ def run_evaluate(cfg: PipelineConfig, methods: list[str] | None = None, base_url
         raise InputError(f"no trained adapter for {missing} in {Path(cfg.run_dir) / 'adapter'} (run `kore train`)")
     if not (cfg.data.eval_questions and cfg.data.retention_eval and cfg.data.knowledge):
         raise InputError("evaluation needs data.knowledge, data.eval_questions and data.retention_eval")
+    inputs = evaluation_inputs(cfg, methods)
+    done = Path(cfg.run_dir) / "eval" / "results.json"
+    if done.is_file() and json.loads(done.read_text()).get("inputs") == inputs:
+        print(f"kore evaluate: {done} is up to date; skipping")
+        return _summarise(json.loads(done.read_text()), done.with_name("report.md"))
     items = read_records(cfg.data.knowledge, KnowledgeItem)
     questions = read_records(cfg.data.eval_questions, EvalQuestion)
     probes = read_records(cfg.data.retention_eval, RetentionProbe)
@@ -69,9 +93,13 @@ def run_evaluate(cfg: PipelineConfig, methods: list[str] | None = None, base_url
     results = score_all(predictions, base, {m: m for m in methods}, questions, probes, items)
     results["settings"] = {"model": cfg.model.name_or_path, "methods": methods,
                            "max_new_tokens": cfg.evaluate.max_new_tokens}
-    paths = write_report(results, Path(cfg.run_dir) / "eval")
+    results["inputs"] = inputs
+    return _summarise(results, write_report(results, Path(cfg.run_dir) / "eval")["report"])
+
+
+def _summarise(results: dict, report: Path) -> dict:
     for name, r in {"base": results["base"], **results["methods"]}.items():
         print(f"  {name:8s} adaptation CEM {r['adaptation_cem']:.3f}  F1 {r['adaptation_f1']:.3f}  "
               f"retention {r['retention']:.3f}")
-    print(f"kore evaluate: report at {paths['report']}")
+    print(f"kore evaluate: report at {report}")
     return results

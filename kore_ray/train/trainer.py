@@ -232,10 +232,9 @@ def run_train(
     out = train_dir(cfg.run_dir, method)
     record = _run_record(cfg, method, init, conversations, steps)
     adapter = adapter_dir(cfg.run_dir, method)
-    done = out / DONE_RECORD
-    if done.is_file() and json.loads(done.read_text()) == record and adapter.is_dir():
-        if progress:
-            print(f"kore train: {adapter} is up to date ({method}); skipping")
+    finished = out / DONE_RECORD
+    if finished.is_file() and json.loads(finished.read_text()) == record and adapter.is_dir():
+        print(f"kore train: {adapter} is up to date ({method}); skipping")
         return adapter
     _claim(out / RUN_RECORD, storage / name, record)
     dtype = "bfloat16" if t.use_gpu else "float32"
@@ -295,7 +294,7 @@ def run_train(
         raise RuntimeError(f"run {name!r} ended at step {done} of {steps}")
     with result.checkpoint.as_directory() as directory:
         adapter = export_checkpoint(cfg, method, directory, dtype=dtype)
-    done.write_text(json.dumps(record, indent=2, sort_keys=True))  # after the export: it is the mark
+    finished.write_text(json.dumps(record, indent=2, sort_keys=True))  # after the export: the mark
     if progress:
         print(f"kore train: wrote {adapter}")
     return adapter
