@@ -54,15 +54,21 @@ def markdown(results: dict) -> str:
     for name, r in results["methods"].items():
         by_kind.append(f"| {name} | " + " | ".join(f"{r['adaptation_cem_by_kind'].get(k, 0):.3f}" for k in kinds) + " |")
     settings = results.get("settings", {})
+    training = ["| method | rank | learning rate | steps | batch |", "| --- | --- | --- | --- | --- |"]
+    for name, t in settings.get("training", {}).items():
+        training.append(f"| {name} | {t['rank']} | {t['learning_rate']:g} | {t['max_steps']} | {t['batch_size']} |")
+    intro = (f"Base model: `{settings.get('model', '?')}`. Retention is measured on the "
+             f"{results['base']['counts']['retention_known']} of {results['retention_probes']} probes the base "
+             "model answered correctly before injection. Adaptation: EVOKE's CEM (the gold answer is contained "
+             "in the answer) and token F1 on held-out paraphrased questions.")
+    training_note = ("Training settings (LoRA's rank is matched to KORE's trainable-parameter count at this "
+                     "rank; CorDA exports rank 2r):")
     return "\n".join([
-        "# kore-ray evaluation", "",
-        f"Base model: `{settings.get('model', '?')}`. Retention is measured on the "
-        f"{results['base']['counts']['retention_known']} of {results['retention_probes']} probes the base model "
-        "answered correctly before injection. Adaptation: EVOKE's CEM (the gold answer is contained in the "
-        "answer) and token F1 on held-out paraphrased questions.", "",
+        "# kore-ray evaluation", "", intro, "",
         *rows, "", "Adaptation CEM by knowledge kind:", "", *by_kind, "",
         "![adaptation vs retention](adaptation_retention.png)", "",
-        "Settings: `" + json.dumps(settings, sort_keys=True) + "`", "",
+        *([training_note, "", *training, ""] if len(training) > 2 else []),
+        "Settings: `" + json.dumps({k: v for k, v in settings.items() if k != "training"}, sort_keys=True) + "`", "",
     ])
 
 

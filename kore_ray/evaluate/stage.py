@@ -91,8 +91,11 @@ def run_evaluate(cfg: PipelineConfig, methods: list[str] | None = None, base_url
         with serving(cfg) as url:
             predictions = run(url)
     results = score_all(predictions, base, {m: m for m in methods}, questions, probes, items)
-    results["settings"] = {"model": cfg.model.name_or_path, "methods": methods,
-                           "max_new_tokens": cfg.evaluate.max_new_tokens}
+    results["settings"] = {
+        "model": cfg.model.name_or_path, "methods": methods, "max_new_tokens": cfg.evaluate.max_new_tokens,
+        "training": {m: {"rank": (c := cfg.for_method(m)).init.rank, "learning_rate": c.train.learning_rate,
+                         "max_steps": c.train.max_steps, "batch_size": c.train.batch_size} for m in methods},
+    }
     results["inputs"] = inputs
     return _summarise(results, write_report(results, Path(cfg.run_dir) / "eval")["report"])
 
