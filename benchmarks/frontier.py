@@ -10,12 +10,15 @@ our vLLM multi-LoRA app and scores them with the evaluation stage's own code.
 
     python benchmarks/frontier.py [--config configs/demo.yaml] [--run-dir runs/frontier]
 
-On 2 CPU cores it takes about an hour (7 training runs of the demo's 45 steps, ~4.5 minutes
-each, then 21 adapters evaluated, ~20 minutes). It is resumable: finished points and answers already collected are
-kept in the run directory. It writes <run-dir>/frontier.json and docs/frontier.png, prints the
-best point per method (the `methods:` overrides the demo config uses), and its last line is
-{"kore_retention_at_90": ..., "lora_retention_at_90": ..., "corda_retention_at_90": ...}:
-the best retention each method reaches with adaptation CEM >= 0.9 (null if it never does).
+On 2 CPU cores it takes about 70 minutes (9 training runs of the demo's 45 steps, ~5 minutes
+each, then 27 adapters evaluated, ~20 minutes). It is resumable: finished points and answers
+already collected are kept in the run directory. It writes <run-dir>/frontier.json and
+docs/frontier.png, prints every point, and its last line is
+{"kore_retention_at_90": ..., "lora_retention_at_90": ..., "corda_retention_at_90": ..., ...}:
+the best retention each method reaches with adaptation CEM >= 0.9 (null if it never does within
+the step budget), and, because on 2 cores none does, the same at "matched_adaptation": the
+highest adaptation every method reaches. The best point of each method at that level is
+printed as the `methods:` overrides the demo config uses.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from _common import ROOT
 # (method, rank, learning rates). LoRA's rank is KORE's at that rank (equal trainable count).
 GRID = [
     ("kore", 64, [2e-3, 5e-3]),
-    ("lora", 64, [1e-3, 3e-3]),
-    ("corda", 64, [1e-3, 3e-3]),
+    ("lora", 64, [5e-4, 1e-3, 3e-3]),
+    ("corda", 64, [5e-4, 1e-3, 3e-3]),
     ("kore", 128, [3e-3]),
 ]
 TARGET = 0.9  # adaptation CEM a method must reach for its retention to count
@@ -195,12 +198,18 @@ def main() -> None:
                        "adaptation_cem": s["adaptation_cem"], "adaptation_f1": s["adaptation_f1"],
                        "retention": s["retention"], "failed_requests": s["counts"]["failed_requests"]})
     methods = sorted({p["method"] for p in points})
+    # The issue's figure: retention at adaptation >= 0.9. When some method never gets there
+    # within the step budget, methods are also compared at the highest adaptation EVERY
+    # method reaches ("matched"), and the demo uses each method's best point at that level.
+    matched = min(max(p["adaptation_cem"] for p in points if p["method"] == m) for m in methods)
     summary = {f"{m}_retention_at_90": retention_at(points, m) for m in methods}
+    summary["matched_adaptation"] = matched
+    summary.update({f"{m}_retention_at_matched": retention_at(points, m, matched) for m in methods})
+    level = TARGET if all(summary[f"{m}_retention_at_90"] is not None for m in methods) else matched
     best = {}
     for m in methods:
-        ok = [p for p in points if p["method"] == m and p["adaptation_cem"] >= TARGET]
-        pick = max(ok, key=lambda p: (p["retention"], -p["step"])) if ok else \
-            max((p for p in points if p["method"] == m), key=lambda p: p["adaptation_cem"])
+        ok = [p for p in points if p["method"] == m and p["adaptation_cem"] >= level]
+        pick = max(ok, key=lambda p: (p["retention"], p["adaptation_cem"]))
         best[m] = {"init": {"rank": pick["rank"]},
                    "train": {"learning_rate": pick["lr"], "max_steps": pick["step"]}}
     (root / "frontier.json").write_text(json.dumps(
@@ -213,7 +222,8 @@ def main() -> None:
     for p in sorted(points, key=lambda p: (p["method"], p["rank"], p["lr"], p["step"])):
         print(f"{p['name']:28s} {p['step']:4d} {p['adaptation_cem']:9.3f} {p['adaptation_f1']:6.3f} "
               f"{p['retention']:9.3f}")
-    print("\nbest per method (demo config `methods:` overrides):\n" + json.dumps(best, indent=2))
+    print(f"\nbest per method at adaptation >= {level:.3f} (demo config `methods:` overrides):\n"
+          + json.dumps(best, indent=2))
     print(f"wrote {root / 'frontier.json'} and {args.plot}")
     print(json.dumps(summary))
 
