@@ -17,7 +17,7 @@ docs/frontier.png, prints every point, and its last line is
 {"kore_retention_at_90": ..., "lora_retention_at_90": ..., "corda_retention_at_90": ..., ...}:
 the best retention each method reaches with adaptation CEM >= 0.9 (null if it never does within
 the step budget), and, because on 2 cores none does, the same at "matched_adaptation": the
-highest adaptation every method reaches. The best point of each method at that level is
+highest adaptation every method reaches, less 3 questions' worth (0.025). The best point of each method at that level is
 printed as the `methods:` overrides the demo config uses.
 """
 
@@ -41,6 +41,9 @@ GRID = [
     ("kore", 128, [3e-3]),
 ]
 TARGET = 0.9  # adaptation CEM a method must reach for its retention to count
+# CEM on 120 questions moves in steps of 1/120: points within 3 questions of the matched level
+# count as matched, so one lucky or unlucky question does not pick a method's setting.
+MATCH_TOLERANCE = 0.025
 
 
 @dataclass(frozen=True)
@@ -136,13 +139,15 @@ def plot(points: list[dict], base: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 5), dpi=120)
+    palettes = {"kore": plt.cm.Reds, "lora": plt.cm.Blues, "corda": plt.cm.Greens}  # one hue per method
     for method in sorted({p["method"] for p in points}):
-        for rank in sorted({p["rank"] for p in points if p["method"] == method}):
-            for lr in sorted({p["lr"] for p in points if p["method"] == method and p["rank"] == rank}):
-                run = sorted((p for p in points if (p["method"], p["rank"], p["lr"]) == (method, rank, lr)),
-                             key=lambda p: p["step"])
-                ax.plot([p["adaptation_cem"] for p in run], [p["retention"] for p in run], marker="o",
-                        ms=4, alpha=0.8, label=f"{method} r{rank} lr {lr:g}")
+        runs = sorted({(p["rank"], p["lr"]) for p in points if p["method"] == method})
+        for k, (rank, lr) in enumerate(runs):
+            run = sorted((p for p in points if (p["method"], p["rank"], p["lr"]) == (method, rank, lr)),
+                         key=lambda p: p["step"])
+            colour = palettes.get(method, plt.cm.Greys)(0.45 + 0.5 * (k + 1) / len(runs))
+            ax.plot([p["adaptation_cem"] for p in run], [p["retention"] for p in run], marker="o",
+                    ms=4, color=colour, label=f"{method} r{rank} lr {lr:g}")
     ax.scatter([base["adaptation_cem"]], [base["retention"]], marker="s", c="k", label="base", zorder=3)
     ax.axvline(TARGET, ls="--", c="grey", lw=0.8)
     ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel="adaptation (CEM on new knowledge)",
@@ -150,7 +155,7 @@ def plot(points: list[dict], base: dict, path: Path) -> None:
            title="Adaptation/retention frontier (Gemma 3 270M, demo data)\neach line: one run, "
                  "points at 1/3, 2/3, 3/3 of its steps")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -202,6 +207,7 @@ def main() -> None:
     # within the step budget, methods are also compared at the highest adaptation EVERY
     # method reaches ("matched"), and the demo uses each method's best point at that level.
     matched = min(max(p["adaptation_cem"] for p in points if p["method"] == m) for m in methods)
+    matched = round(matched - MATCH_TOLERANCE, 4)
     summary = {f"{m}_retention_at_90": retention_at(points, m) for m in methods}
     summary["matched_adaptation"] = matched
     summary.update({f"{m}_retention_at_matched": retention_at(points, m, matched) for m in methods})
