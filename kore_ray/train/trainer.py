@@ -233,7 +233,8 @@ def run_train(
     record = _run_record(cfg, method, init, conversations, steps)
     adapter = adapter_dir(cfg.run_dir, method)
     finished = out / DONE_RECORD
-    if finished.is_file() and json.loads(finished.read_text()) == record and adapter.is_dir():
+    done_record = {**record, "run": name}  # another train.run_name is another run: train it
+    if finished.is_file() and json.loads(finished.read_text()) == done_record and adapter.is_dir():
         print(f"kore train: {adapter} is up to date ({method}); skipping")
         return adapter
     _claim(out / RUN_RECORD, storage / name, record)
@@ -294,7 +295,7 @@ def run_train(
         raise RuntimeError(f"run {name!r} ended at step {done} of {steps}")
     with result.checkpoint.as_directory() as directory:
         adapter = export_checkpoint(cfg, method, directory, dtype=dtype)
-    finished.write_text(json.dumps(record, indent=2, sort_keys=True))  # after the export: the mark
+    finished.write_text(json.dumps(done_record, indent=2, sort_keys=True))  # after the export: the mark
     if progress:
         print(f"kore train: wrote {adapter}")
     return adapter
