@@ -1,10 +1,9 @@
 #!/usr/bin/env python
 """Check which retention probes the embedded base model (Gemma 3 270M) really knows.
 
-Each probe's `prompt` is continued greedily for a few tokens; a probe is a hit when its
-normalised `answer` occurs, as whole words, in the normalised continuation (lower case, no
-punctuation, no articles, single spaces: the containment rule of CEM, on word boundaries so
-that "Au" does not match "Australia").
+Each probe's `prompt` is continued greedily for a few tokens; a probe is a hit when the
+continuation covers its `answer` by the evaluation's own rule (`cover_exact_match`: the
+normalised answer occurs as whole words, so "Au" does not match "Australia").
 
     python scripts/check_demo_facts.py                     # data/demo/retention_eval.jsonl
     python scripts/check_demo_facts.py FILE [FILE ...]     # any RetentionProbe files
@@ -18,33 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import string
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FILE = REPO / "data" / "demo" / "retention_eval.jsonl"
-
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}‘’“”–—°]")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalise(text: str) -> str:
-    """Lower case, punctuation to spaces, articles dropped, whitespace collapsed."""
-    text = _PUNCT.sub(" ", text.lower())
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def contains_answer(prediction: str, answer: str) -> bool:
-    """Whether the normalised answer occurs in the normalised prediction as whole words."""
-    want, got = normalise(answer), normalise(prediction)
-    if not want:
-        return False
-    return f" {want} " in f" {got} "
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -60,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kore_ray.data.io import read_records
     from kore_ray.data.schemas import RetentionProbe
+    from kore_ray.evaluate.metrics import cover_exact_match
     from kore_ray.models import load_model
     from kore_ray.models.generate import greedy_continuations
 
@@ -78,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hits, misses = [], []
     for probe, out in zip(probes, outs):
-        (hits if contains_answer(out, probe.answer) else misses).append((probe, out))
+        (hits if cover_exact_match(out, probe.answer) else misses).append((probe, out))
     if args.show_hits:
         for probe, out in hits:
             print(f"HIT  {probe.id}: {probe.prompt!r} -> {out!r} (want {probe.answer!r})")

@@ -1,28 +1,18 @@
 """The demo dataset under data/demo/: schemas, sizes and the links between the files (no model)."""
 
 import re
-import string
 from pathlib import Path
 
 import pytest
 
 from kore_ray.data.io import read_records
 from kore_ray.data.schemas import EvalQuestion, KnowledgeItem, RetentionProbe
+from kore_ray.evaluate.metrics import cover_exact_match as contains  # the evaluation's own rule
+from kore_ray.evaluate.metrics import normalize_answer as norm
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}‘’“”–—°]")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
 _STOP = {"a", "an", "the", "of", "is", "in", "was", "for", "by", "to", "and", "on", "at", "as"}
-
-
-def norm(text: str) -> str:
-    """Lower case, punctuation to spaces, articles dropped, whitespace collapsed (as CEM does)."""
-    return " ".join(_ARTICLES.sub(" ", _PUNCT.sub(" ", text.lower())).split())
-
-
-def contains(text: str, answer: str) -> bool:
-    return f" {norm(answer)} " in f" {norm(text)} "
 
 
 @pytest.fixture(scope="module")
