@@ -72,9 +72,10 @@ def run_evaluate(cfg: PipelineConfig, methods: list[str] | None = None, base_url
         raise InputError("evaluation needs data.knowledge, data.eval_questions and data.retention_eval")
     inputs = evaluation_inputs(cfg, methods)
     done = Path(cfg.run_dir) / "eval" / "results.json"
-    if done.is_file() and json.loads(done.read_text()).get("inputs") == inputs:
+    previous = json.loads(done.read_text()) if done.is_file() else {}
+    if previous.get("inputs") == inputs:
         print(f"kore evaluate: {done} is up to date; skipping")
-        return _summarise(json.loads(done.read_text()), done.with_name("report.md"))
+        return _summarise(previous, done.with_name("report.md"))
     items = read_records(cfg.data.knowledge, KnowledgeItem)
     questions = read_records(cfg.data.eval_questions, EvalQuestion)
     probes = read_records(cfg.data.retention_eval, RetentionProbe)

@@ -66,6 +66,12 @@ def write_checkpoint(
     return directory
 
 
+def checkpoint_step(directory: str | Path) -> int | None:
+    """The step a kore checkpoint holds; None for a directory that is not one."""
+    info = Path(directory) / INFO_FILE
+    return json.loads(info.read_text())["step"] if info.is_file() else None
+
+
 def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
 

@@ -54,7 +54,7 @@ from kore_ray.constraint.stage import (
 from kore_ray.data.schemas import Conversation
 from kore_ray.errors import InputError
 from kore_ray.models.loading import load_model
-from kore_ray.train.checkpoint import INFO_FILE, load_weights, read_weights
+from kore_ray.train.checkpoint import INFO_FILE, checkpoint_step, load_weights, read_weights
 from kore_ray.train.data import (
     Tokenize,
     conversations_path,
@@ -174,11 +174,9 @@ def export_checkpoint(cfg: PipelineConfig, method: str, checkpoint: str | Path,
 
 def checkpoints(cfg: PipelineConfig, method: str) -> list[tuple[int, Path]]:
     """(step, directory) of every checkpoint `method`'s run kept, in step order."""
-    found = []
-    for d in (checkpoints_dir(cfg.run_dir) / run_name(cfg, method)).glob("*"):
-        if (d / INFO_FILE).is_file():  # Ray Train's own files sit beside the checkpoints
-            found.append((json.loads((d / INFO_FILE).read_text())["step"], d))
-    return sorted(found)
+    run = checkpoints_dir(cfg.run_dir) / run_name(cfg, method)
+    found = ((checkpoint_step(d), d) for d in run.glob("*"))
+    return sorted((step, d) for step, d in found if step is not None)  # Ray Train's files sit beside
 
 
 def run_export(cfg: PipelineConfig, method: str, checkpoint: str | Path | None = None) -> Path:
@@ -189,7 +187,7 @@ def run_export(cfg: PipelineConfig, method: str, checkpoint: str | Path | None =
             raise InputError(f"no checkpoints of {method!r} under {checkpoints_dir(cfg.run_dir)} "
                              f"(run `kore train --method {method}`)")
         checkpoint = found[-1][1]
-    elif not (Path(checkpoint) / INFO_FILE).is_file():
+    elif checkpoint_step(checkpoint) is None:
         raise InputError(f"{checkpoint}: not a kore train checkpoint (no {INFO_FILE})")
     out = export_checkpoint(cfg, method, checkpoint)
     print(f"kore export: {checkpoint} -> {out}")
@@ -290,10 +288,8 @@ def run_train(
     if result.checkpoint is None:
         raise RuntimeError(f"run {name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
-        done = json.loads((Path(directory) / INFO_FILE).read_text())["step"]
-    if done != steps:
-        raise RuntimeError(f"run {name!r} ended at step {done} of {steps}")
-    with result.checkpoint.as_directory() as directory:
+        if (done := checkpoint_step(directory)) != steps:
+            raise RuntimeError(f"run {name!r} ended at step {done} of {steps}")
         adapter = export_checkpoint(cfg, method, directory, dtype=dtype)
     finished.write_text(json.dumps(done_record, indent=2, sort_keys=True))  # after the export: the mark
     if progress:
