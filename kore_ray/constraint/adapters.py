@@ -35,6 +35,7 @@ from peft.tuners.lora.corda import preprocess_corda
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kore_ray.constraint.merged import use_merged_forward
 from kore_ray.constraint.nullspace import null_space, null_space_init, residual
 from kore_ray.constraint.store import MANIFEST, CovarianceStore, atomic_directory, model_fingerprint
 from kore_ray.errors import InputError, ModelError
@@ -177,6 +178,7 @@ def apply_kore(model: nn.Module, init: KoreInit, *, train_a: bool = False) -> Pe
             layer.lora_A[ADAPTER].weight.copy_(a0)
             layer.lora_B[ADAPTER].weight.copy_(b0)
         layer.lora_A[ADAPTER].weight.requires_grad_(train_a)
+    use_merged_forward(peft_model)  # frozen A: one merged weight per step (constraint/merged.py)
     peft_model.kore_meta = {
         "method": "kore-v1" if train_a else "kore",
         "model_fingerprint": init.model_fingerprint,
@@ -225,6 +227,7 @@ def load_kore_model(
         _residualise(layer, factors[f"{name}.A0"], factors[f"{name}.B0"])
         # KORE freezes A at A0; kore-v1 and CorDA (saved this way by the init stage) train it.
         layer.lora_A[ADAPTER].weight.requires_grad_(is_trainable and meta["method"] != "kore")
+    use_merged_forward(peft_model)
     peft_model.kore_meta = {k: meta[k] for k in ("method", "model_fingerprint", "leaks")}
     return peft_model
 

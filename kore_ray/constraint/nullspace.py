@@ -9,14 +9,18 @@ for a retention input x, A0 x ~ 0 and whatever B learns barely reaches it. The
 "leak" (sum of those r eigenvalues / trace C) is the fraction of the retention
 inputs' energy that still falls in the adapter's input space.
 
-Rather than a full SVD of W U0 U0^T (d_out x d_in; the KORE/LoRA-Null reference
-code), a thin SVD of W U0 (d_out x r) gives the same factors at O(d_out d_in r).
+Only the r smallest eigenpairs are computed (on CPU: LAPACK's MRRR driver through
+scipy, which reduces C to tridiagonal form once and then solves for those r alone, where a
+full eigendecomposition also builds and back-transforms the other d_in - r vectors), and
+rather than a full SVD of W U0 U0^T (d_out x d_in; the KORE/LoRA-Null reference code), a
+thin SVD of W U0 (d_out x r) gives the same factors at O(d_out d_in r).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import scipy.linalg
 import torch
 
 from kore_ray.errors import InputError
@@ -59,12 +63,23 @@ def null_space(cov: torch.Tensor, rank: int, *, name: str = "covariance") -> Nul
     if not torch.isfinite(c).all():
         raise InputError(f"{name}: covariance holds NaN or Inf")
     # eigh reads one triangle only; symmetrise so both triangles count equally.
-    eigenvalues, eigenvectors = torch.linalg.eigh((c + c.T) / 2)
-    trace = eigenvalues.sum().item()
-    low = eigenvalues[:rank]
+    low, basis = _smallest_eigenpairs((c + c.T) / 2, rank)
+    trace = c.diagonal().sum().item()
     # Rounding can make the smallest eigenvalues slightly negative; energy is >= 0.
     leak = low.clamp(min=0).sum().item() / trace if trace > 0 else 0.0
-    return NullSpace(basis=eigenvectors[:, :rank].contiguous(), eigenvalues=low, leak=leak)
+    return NullSpace(basis=basis, eigenvalues=low, leak=leak)
+
+
+def _smallest_eigenpairs(c: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `rank` smallest eigenvalues of symmetric `c` (ascending) and their eigenvectors."""
+    if c.device.type != "cpu" or 2 * rank > c.shape[0]:
+        # On a GPU (cuSOLVER) or for half the spectrum or more: the full decomposition.
+        values, vectors = torch.linalg.eigh(c)
+        return values[:rank], vectors[:, :rank].contiguous()
+    values, vectors = scipy.linalg.eigh(
+        c.numpy(), subset_by_index=[0, rank - 1], driver="evr", check_finite=False
+    )
+    return torch.from_numpy(values), torch.from_numpy(vectors).contiguous()
 
 
 def null_space_init(weight: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

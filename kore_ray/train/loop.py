@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
 
+from kore_ray.constraint.merged import use_merged_forward
 from kore_ray.constraint.stage import load_trainable
 from kore_ray.data.tokenize import pad_token_id
 from kore_ray.errors import ModelError
@@ -157,6 +158,8 @@ def train_loop_per_worker(config: dict) -> None:
     model, preprocessor = load_model(spec.model, spec.dtype, device=str(device))
     vision = is_vision_language(model.config)
     model = load_trainable(model, spec.init_dir)
+    if spec.strategy == "fsdp":  # FSDP shards W_res and B: no whole merged weight to form
+        use_merged_forward(model, False)
     if spec.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
