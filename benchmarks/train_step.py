@@ -3,10 +3,13 @@
 Part 1, in this process (no Ray, one thread): the embedded Gemma 3 270M with KORE at rank r
 (B trained, A frozen) and with LoRA at `matched_lora_rank` (A and B trained, same
 trainable-parameter count), on every decoder linear, on the same batch of Q&A
-conversations, in alternating steps (KORE, LoRA, LoRA, KORE, ...). KORE is built by the real `null_space_init` and `apply_kore`
-(residualised base, A0/B0, B trainable), but from a random orthonormal basis instead of the
-covariance's eigenvectors: a step costs the same for any values of the factors, and the
-eigendecompositions (minutes on 2 cores for 18 layers) belong to `kore init`, not to a step.
+conversations, in alternating steps (KORE, LoRA, LoRA, KORE, ...). KORE is built by the real
+`null_space_init` and `apply_kore` (residualised base, A0/B0, B trainable, and the merged-weight
+training path of constraint/merged.py that a frozen A allows), but from a random orthonormal
+basis instead of the covariance's eigenvectors: a step costs the same for any values of the
+factors, and the eigendecompositions belong to `kore init`, not to a step. A third model,
+"kore-peft", is the same KORE through PEFT's own LoRA forward (merged path off), to show what
+the merged path buys; the headline ratio is kore / lora.
 
 Part 2, Ray Train: `run_train` on the same model and data (the matched LoRA: it all-reduces
 as many gradients as KORE), 1 worker against 2 workers at the same global batch, each worker
@@ -49,6 +52,7 @@ from kore_ray.constraint import (
     null_space_init,
 )
 from kore_ray.constraint.adapters import trainable_parameter_count
+from kore_ray.constraint.merged import use_merged_forward
 from kore_ray.constraint.stage import run_init
 from kore_ray.data.io import write_parquet
 from kore_ray.data.schemas import Conversation
@@ -97,6 +101,7 @@ def part1(model_dir: Path, rank: int, batch: int, steps: int) -> tuple[float, li
     torch.set_num_threads(1)  # as each Ray worker in part 2; idle OpenMP threads spin on a
     # shared machine and would turn other people's load into noise
     kore_model, tokenizer = load_model(str(model_dir))
+    peft_model, _ = load_model(str(model_dir))
     lora_model, _ = load_model(str(model_dir))
     groups = find_target_groups(kore_model)
     lora_rank = matched_lora_rank(kore_model, groups, rank)
@@ -110,23 +115,27 @@ def part1(model_dir: Path, rank: int, batch: int, steps: int) -> tuple[float, li
     init = KoreInit(factors=factors, leaks={}, model_fingerprint=model_fingerprint(kore_model))
     models = {
         "kore": apply_kore(kore_model, init),
+        "kore-peft": apply_kore(peft_model, init),
         "lora": build_method(lora_model, "lora", groups, rank=lora_rank),
     }
-    log(f"part 1: KORE r={rank} and LoRA r={lora_rank} built; timing {steps} steps each")
+    use_merged_forward(models["kore-peft"], False)
+    log(f"part 1: KORE r={rank} (twice) and LoRA r={lora_rank} built; timing {steps} steps each")
     rows = [encode_conversation(tokenizer, c, 256) for c in conversations(batch)]
     batches = [pad_batch(rows, tokenizer.pad_token_id)]
     times = step_times(models, batches, steps)
     tokens = int(batches[0]["attention_mask"].sum())
-    header = f"{'method':<8}{'rank':>6}{'trainable':>12}{'median CPU s':>14}{'median wall s':>15}"
+    header = f"{'method':<10}{'rank':>6}{'trainable':>12}{'median CPU s':>14}{'median wall s':>15}"
     lines = [header + f"{'tokens/s':>10}"]
     medians = {}
-    for name, r in (("kore", rank), ("lora", lora_rank)):
+    for name, r in (("kore", rank), ("kore-peft", rank), ("lora", lora_rank)):
         medians[name] = {k: statistics.median(v) for k, v in times[name].items()}
         cpu, wall = medians[name]["cpu"], medians[name]["wall"]
-        lines.append(f"{name:<8}{r:>6}{trainable_parameter_count(models[name]):>12,}"
+        lines.append(f"{name:<10}{r:>6}{trainable_parameter_count(models[name]):>12,}"
                      f"{cpu:>14.3f}{wall:>15.3f}{tokens / cpu:>10.0f}")
     ratio = {k: medians["kore"][k] / medians["lora"][k] for k in ("cpu", "wall")}
-    lines.append(f"KORE / LoRA: CPU {ratio['cpu']:.3f}, wall {ratio['wall']:.3f}")
+    lines.append(f"KORE / LoRA: CPU {ratio['cpu']:.3f}, wall {ratio['wall']:.3f}; through PEFT's "
+                 f"forward: CPU {medians['kore-peft']['cpu'] / medians['lora']['cpu']:.3f} "
+                 f"({tokens} tokens per step)")
     return ratio["cpu"], lines
 
 

@@ -90,10 +90,11 @@ def test_input_gradients_and_eval_match(store):
                 layer.lora_B["default"].weight.add_(0.05 * torch.randn_like(layer.lora_B["default"].weight))
     layer_m = _layers(merged)[0]
     layer_p = plain.get_submodule(next(n for n, m in merged.named_modules() if m is layer_m))
-    x = torch.randn(2, 5, layer_m.in_features, requires_grad=True)
+    x = torch.randn(2, 64, layer_m.in_features, requires_grad=True)  # enough tokens to merge
     x_p = x.detach().clone().requires_grad_()
     y_m, y_p = layer_m(x), layer_p(x_p)
     torch.testing.assert_close(y_m, y_p, rtol=1e-5, atol=1e-6)
+    assert "_kore_merged" in layer_m.__dict__
     y_m.square().sum().backward()
     y_p.square().sum().backward()
     torch.testing.assert_close(x.grad, x_p.grad, rtol=1e-5, atol=1e-5)
@@ -105,10 +106,19 @@ def test_input_gradients_and_eval_match(store):
     assert not any("_kore_merged" in m.__dict__ for m in _layers(fresh))
 
 
-def test_falls_back_where_the_maths_would_differ(store):
-    """kore-v1 (A trains) keeps PEFT's layer; bf16 weights take PEFT's forward."""
+def test_falls_back_where_the_maths_would_differ_or_merging_costs_more(store):
+    """kore-v1 (A trains) keeps PEFT's layer; bf16 weights and batches too small to pay for the
+    merge (d_in d_out / (d_in + 2 d_out) tokens: 32-64 here) take PEFT's forward."""
     cov, groups = store
     assert not _layers(_kore(cov, groups, train_a=True))
+    model = _kore(cov, groups)
+    model.train()
+    small = torch.randint(4, 60, (1, 30))
+    model(input_ids=small, labels=small).loss.backward()
+    assert not any("_kore_merged" in m.__dict__ for m in _layers(model))
+    large = torch.randint(4, 60, (2, 40))
+    model(input_ids=large, labels=large).loss.backward()
+    assert all("_kore_merged" in m.__dict__ for m in _layers(model))
     model = _kore(cov, groups).to(torch.bfloat16)
     model.train()
     tokens = torch.randint(4, 60, (2, 12))

@@ -10,6 +10,9 @@ multiply-adds, the cost of r tokens through the layer) and then, per token,
 
 where PEFT's layer runs W_res x, A0 x, B u forward and W_res^T dy, B^T dy, A0^T (B^T dy), dy u^T
 backward: 2 adapter matmuls per token instead of 5 (LoRA at the same trainable size runs 6).
+That saves r (d_in + 2 d_out) multiply-adds per token against r d_in d_out per merge, so a
+layer merges only for a batch of at least d_in d_out / (d_in + 2 d_out) tokens (250-400 at
+Gemma 3 270M's widths); a smaller one takes PEFT's path, unless B's merge is already made.
 Same maths, other rounding, so only where that rounding is as good: float32 weights and
 activations (in bf16, W_res + s B A0 would round most of the adapter away). Costs one
 d_out x d_in buffer per layer. Anything else (eval, no grad, bf16, dropout, several adapters,
@@ -69,16 +72,29 @@ class FrozenALinear(LoraLinear):
             return False
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         float32 = all(t.dtype == torch.float32 for t in (x, a, b, base.weight))
-        return (float32 and b.requires_grad and not a.requires_grad and not base.weight.requires_grad
+        if not (float32 and b.requires_grad and not a.requires_grad and not base.weight.requires_grad
                 and isinstance(self.lora_dropout[adapter], nn.Identity)
-                and not torch.is_autocast_enabled(x.device.type))
+                and not torch.is_autocast_enabled(x.device.type)):
+            return False
+        d_out, d_in = base.weight.shape
+        tokens = x.numel() // d_in
+        return self._merge_is_current(adapter) or tokens * (d_in + 2 * d_out) >= d_in * d_out
+
+    def _merge_key(self, adapter: str) -> tuple:
+        tensors = (self.get_base_layer().weight, self.lora_A[adapter].weight,
+                   self.lora_B[adapter].weight)
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def _merge_is_current(self, adapter: str) -> bool:
+        cached = self.__dict__.get("_kore_merged")
+        return cached is not None and cached[0] == self._merge_key(adapter)
 
     @torch.no_grad()
     def _merged_weight(self, adapter: str) -> torch.Tensor:
         """W_res + s B A, re-formed only when B, A or W_res changed (in place or moved)."""
         w = self.get_base_layer().weight
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        key = tuple((t.data_ptr(), t._version) for t in (w, a, b))
+        key = self._merge_key(adapter)
         cached = self.__dict__.get("_kore_merged")
         if cached is not None and cached[0] == key:
             return cached[1]
