@@ -159,6 +159,8 @@ def _shards(cfg: PipelineConfig, conversations, schedule, progress: bool) -> dic
         rows = schedule.size // cfg.train.num_workers
         bounds = [rows * k for k in range(1, cfg.train.num_workers)]
         parts = ds.split_at_indices(bounds) if bounds else [ds.materialize()]
+    for part in parts:  # a worker's shard bar would redraw over its step lines, the real progress
+        part.context.enable_progress_bars = False
     return {shard_name(k): part for k, part in enumerate(parts)}
 
 
