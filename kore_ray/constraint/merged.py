@@ -92,17 +92,16 @@ class FrozenALinear(LoraLinear):
     @torch.no_grad()
     def _merged_weight(self, adapter: str) -> torch.Tensor:
         """W_res + s B A, re-formed only when B, A or W_res changed (in place or moved)."""
+        cached = self.__dict__.get("_kore_merged")
+        if self._merge_is_current(adapter):
+            return cached[1]
         w = self.get_base_layer().weight
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        key = self._merge_key(adapter)
-        cached = self.__dict__.get("_kore_merged")
-        if cached is not None and cached[0] == key:
-            return cached[1]
         buffer = cached[1] if cached is not None else None
         if buffer is None or buffer.shape != w.shape or buffer.device != w.device:
             buffer = torch.empty_like(w)
         torch.addmm(w, b, a, alpha=self.scaling[adapter], out=buffer)
-        self.__dict__["_kore_merged"] = (key, buffer)
+        self.__dict__["_kore_merged"] = (self._merge_key(adapter), buffer)
         return buffer
 
 
