@@ -1,0 +1,170 @@
+"""The grounding check: does a generated question/answer pair state what the item's text says?
+
+Every pair from every generator passes through `check_pair` before it can reach training. A
+word-level check is not enough (every word of "X is a warehouse robot." can occur in a text
+that says X makes something else), so a pair is kept only when all of these hold:
+
+1. Nothing invented: every number of the answer is a number of the text, and every name (a
+   capitalised word) of the question and the answer is a word of the text.
+2. It answers: the answer says something the question does not already say (its "key span":
+   the first run of answer words that are not question words), and is not a refusal.
+3. The key span is a contiguous span of the text, not a collage of its words.
+4. The key span is the kind of thing the question asks for: a name for "who"/"where", a year
+   or date for "when", a number for "how many".
+5. The key span stands in a sentence that has one of the question's relation words (its
+   content words that are not names: "designed", "mission"), where the text has them at all.
+   This rejects a true span given as the answer to another fact's question.
+
+What a pair becomes for training is its key span as found in the text, as a short sentence that
+leads with the answer: token F1 against short gold answers punishes every extra word. Model
+generators add a sixth test outside this module (`self_qa.py`): the model, asked the question
+with the text as context, must give the same key span back (round-trip consistency, Alberti et
+al. 2019, "Synthetic QA Corpora Generation with Roundtrip Consistency").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kore_ray.augment.spans import FUNCTION_WORDS, MONTHS, sentences
+from kore_ray.evaluate.metrics import normalize_answer
+
+STOPWORDS = FUNCTION_WORDS | frozenset("""
+is are was were be been being has have had do does did will would can could should may might
+must shall not no yes so than then into onto about over under up down out off also only just
+very more less own same such named called known
+""".split())
+WH_WORDS = frozenset({"who", "whom", "whose", "what", "which", "when", "where", "why", "how"})
+_NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
+_CAPITALISED = re.compile(r"\b[A-ZÀ-ÖØ-Þ][\w'’-]*")
+_REFUSAL = re.compile(r"\b(?:i don'?t know|not (?:mentioned|stated|specified|given|known)|"
+                      r"unknown|no information|cannot (?:say|tell|answer)|n/a)\b", re.IGNORECASE)
+_YEARISH = re.compile(r"^(?:1[0-9]|20)\d\d$")
+MAX_ANSWER_WORDS = 20
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reason: str  # "ok", or why the pair was rejected
+    key_span: str | None = None  # the answer's span, verbatim from the text
+    target: str | None = None  # what training uses as the answer
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def _tokens(text: str) -> list[str]:
+    return normalize_answer(text).split()
+
+
+def _names(text: str, skip_first: bool) -> set[str]:
+    """Lower-cased capitalised words that are not function words (the first word of a
+    sentence is capitalised by grammar: skipped for questions)."""
+    found = set()
+    for i, m in enumerate(_CAPITALISED.finditer(text)):
+        word = re.sub(r"['’]s?$", "", m.group().lower())
+        if (skip_first and m.start() == 0) or word in STOPWORDS or word in WH_WORDS:
+            continue
+        found.update(normalize_answer(word).split())
+    return found
+
+
+def _stem(token: str) -> str:
+    """A crude stem: "designed"/"designer", "longest"/"long" meet on their first letters."""
+    return token[:4]
+
+
+def _contains(haystack: list[str], needle: list[str]) -> bool:
+    n = len(needle)
+    return any(haystack[i:i + n] == needle for i in range(len(haystack) - n + 1))
+
+
+def expected_kind(question: str) -> str | None:
+    """What the question asks for: "name", "time", "number", or None (anything)."""
+    q = question.lower()
+    if re.search(r"\bhow (?:many|much|long|far|old|tall|high|wide|deep|big|large|heavy)\b", q) or \
+            re.search(r"\bwhat (?:percentage|number|share|score|size)\b", q):
+        return "number"
+    # "when", "who", "where" ask only when they lead the question or end it ("born where?"):
+    # inside it they join clauses ("the company formed when X merged").
+    asks = rf"^(?:\W*\w+\s+)?(?:{{0}})\b|\b(?:{{0}})\W*$"
+    if re.search(r"\b(?:what|which) (?:year|date|month|day)\b", q) or re.search(asks.format("when"), q):
+        return "time"
+    if re.search(asks.format("who|whom|whose|where"), q):
+        return "name"
+    return None
+
+
+def _kind_ok(kind: str | None, key_original: str) -> bool:
+    first = key_original.split()[0] if key_original.split() else ""
+    if kind == "number":
+        return bool(_NUMBER.search(key_original))
+    if kind == "time":
+        return bool(_NUMBER.search(key_original)) or any(m in key_original for m in MONTHS)
+    if kind == "name":
+        return first[:1].isupper() and not _YEARISH.match(first)
+    return True
+
+
+def _original_span(text: str, key: list[str]) -> str | None:
+    """The text's own words for the normalised token run `key`, with their casing."""
+    words = list(re.finditer(r"\S+", text))
+    norm = [normalize_answer(w.group()).split() for w in words]
+    for i in range(len(words)):
+        got, j = [], i
+        while j < len(words) and len(got) < len(key):
+            got += norm[j]
+            j += 1
+        if got == key and norm[i]:
+            return text[words[i].start():words[j - 1].end()].strip(" ,;:.!?\"'()“”")
+    return None
+
+
+def check_pair(question: str, answer: str, text: str) -> Verdict:
+    """Keep or reject one generated pair against the item's `text`; see the module docstring."""
+    a_tokens, q_tokens, t_tokens = _tokens(answer), _tokens(question), _tokens(text)
+    if not a_tokens or _REFUSAL.search(answer):
+        return Verdict(False, "non_answer")
+    if len(a_tokens) > MAX_ANSWER_WORDS:
+        return Verdict(False, "too_long")
+    text_numbers = set(_NUMBER.findall(text))
+    if any(n not in text_numbers for n in _NUMBER.findall(answer)):
+        return Verdict(False, "invented")
+    t_set = set(t_tokens)
+    if _names(answer, skip_first=False) - t_set:
+        return Verdict(False, "invented")
+    if _names(question, skip_first=True) - t_set or \
+            any(n not in text_numbers for n in _NUMBER.findall(question)):
+        return Verdict(False, "off_topic")
+    q_set = set(q_tokens)
+    new = [i for i, t in enumerate(a_tokens) if t not in q_set and t not in STOPWORDS]
+    if not new:
+        return Verdict(False, "repeats_question")
+    # The key span: from the first new word, through the new words that follow it (a
+    # stopword inside the run is kept: "University of Tarrow"; a question word ends it).
+    end = new[0] + 1
+    while end < len(a_tokens) and a_tokens[end] not in q_set:
+        end += 1
+    key = a_tokens[new[0]:end]
+    while key and key[-1] in STOPWORDS:
+        key.pop()
+    if not _contains(t_tokens, key):
+        return Verdict(False, "not_in_text")
+    original = _original_span(text, key)
+    if original is None:
+        return Verdict(False, "not_in_text")
+    if not _kind_ok(expected_kind(question), original):
+        return Verdict(False, "wrong_type")
+    # The question's relation words (its content words that are not names): where the text
+    # has them, the key span must stand in a sentence that has one of them too.
+    names = _names(question, skip_first=False)
+    relation = {_stem(t) for t in q_set - STOPWORDS - WH_WORDS - names}
+    in_text = [{_stem(t) for t in _tokens(s)} for s in sentences(text)]
+    if relation & set().union(*in_text) and not any(
+            relation & stems and _contains(_tokens(s), key)
+            for s, stems in zip(sentences(text), in_text)):
+        return Verdict(False, "wrong_sentence")
+    target = original[0].upper() + original[1:]
+    return Verdict(True, "ok", original, target if target.endswith((".", "!", "?")) else f"{target}.")

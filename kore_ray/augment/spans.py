@@ -1,0 +1,124 @@
+"""Text -> sentences and the fact spans in them (names, dates, years, quantities), no model.
+
+Deterministic rules over surface forms, shared by the extractive generator (which asks about
+these spans) and the grounding check (which asks whether an answer's names and numbers are the
+text's). Rules rather than an NER model because no such model can be downloaded at run time and
+the spans that matter for injected knowledge are the distinctive ones: capitalised names,
+numbers and dates, which surface rules find reliably.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+          "September", "October", "November", "December")
+_MONTH = "(?:" + "|".join(MONTHS) + ")"
+_NUM = r"\d+(?:[.,]\d+)*"
+
+# Order matters: earlier patterns win where spans overlap (a date before its year).
+_PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
+    ("date", re.compile(rf"\b(?:\d{{1,2}} {_MONTH},? \d{{4}}|{_MONTH} \d{{1,2}},? \d{{4}}|"
+                        rf"\d{{4}}-\d{{2}}-\d{{2}})\b")),
+    ("date", re.compile(rf"\b{_MONTH} \d{{4}}\b")),
+    ("money", re.compile(rf"(?:(?:EUR|USD|GBP|CHF|JPY)\s?|[$€£¥]){_NUM}(?:\s(?:million|billion|"
+                         rf"thousand|trillion))?|\b{_NUM}(?:\s(?:million|billion|thousand))?\s"
+                         rf"(?:euros|dollars|pounds|francs|yen|crowns|credits)\b")),
+    ("time", re.compile(r"\b\d{1,2}:\d{2}(?::\d{2})?\b")),
+    ("score", re.compile(r"\b\d{1,3}-\d{1,3}\b")),
+    ("year", re.compile(r"\b(?:1[0-9]|20)\d\d\b(?![.,]\d|\s?%|\s(?:metres|meters|km|people))")),
+    ("quantity", re.compile(rf"\b{_NUM}-[a-z]+\b|\b{_NUM}(?:\s?%|\s(?:per cent|percent)|(?:\s(?:million|billion|"
+                            rf"thousand))?(?:\s(?:square|cubic))?\s[a-z]+(?:-[a-z]+)?)")),
+    ("number", re.compile(rf"\b{_NUM}\b")),
+)
+
+# Capitalised words that start a sentence or a clause without being (part of) a name.
+FUNCTION_WORDS = frozenset("""
+a an the this that these those it its it's he she his her they their them there here we our
+on in at by for from to of with after before during since until when while where which who
+whose what why how and or but if as also however its after today yesterday last next each
+every all both many most some several one two three four five six seven eight nine ten
+""".split())
+# Lower-case words allowed inside a name ("University of Tarrow", "Bay of Kells").
+_NAME_JOINERS = frozenset({"of", "de", "la", "van", "von", "del", "da", "du"})
+_WORD = re.compile(r"[A-Za-zÀ-ÖØ-öø-ÿ][\w'’-]*")
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"”’)]?\s+(?=[\"“(]?[A-Z0-9])")
+
+
+@dataclass(frozen=True)
+class Span:
+    kind: str  # date, money, time, score, year, quantity, number, name
+    start: int  # character offsets in the sentence
+    end: int
+    text: str
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences of a paragraph (a full stop inside a number or an initial does not end one)."""
+    parts = [s.strip() for s in _SENTENCE_END.split(text.strip())]
+    merged: list[str] = []
+    for part in parts:
+        # "Dr. Orrow" / "J. Talvary": a one-letter or title word before the stop is no end.
+        if merged and re.search(r"(?:\b[A-Z]|\bDr|\bMr|\bMrs|\bMs|\bSt|\bProf)\.$", merged[-1]):
+            merged[-1] = f"{merged[-1]} {part}"
+        elif part:
+            merged.append(part)
+    return merged
+
+
+def _name_spans(sentence: str, taken: list[tuple[int, int]]) -> list[Span]:
+    """Runs of capitalised words (with joiners inside), minus leading function words."""
+    words = [(m.start(), m.end(), m.group()) for m in _WORD.finditer(sentence)]
+    spans, run = [], []
+
+    def close():
+        while run and (run[-1][2].lower() in _NAME_JOINERS):
+            run.pop()
+        while run and run[0][2].lower() in FUNCTION_WORDS:
+            run.pop(0)
+        if run:
+            s, e = run[0][0], run[-1][1]
+            if sentence[e - 2:e] in ("'s", "’s"):  # "Oreston's novel": the name is "Oreston"
+                e -= 2
+            if not any(s < te and ts < e for ts, te in taken):
+                spans.append(Span("name", s, e, sentence[s:e]))
+        run.clear()
+
+    prev_end = 0
+    for start, end, word in words:
+        gap = sentence[prev_end:start]
+        if run and (gap.strip() not in ("", "-") or "," in gap):
+            close()
+        if word[0].isupper() and not word.isupper() or (word.isupper() and len(word) > 1):
+            run.append((start, end, word))
+        elif run and word.lower() in _NAME_JOINERS:
+            run.append((start, end, word))
+        else:
+            close()
+        prev_end = end
+    close()
+    return spans
+
+
+def fact_spans(sentence: str) -> list[Span]:
+    """The sentence's fact spans, left to right, none overlapping."""
+    found: list[Span] = []
+    taken: list[tuple[int, int]] = []
+    for kind, pattern in _PATTERNS:
+        for m in pattern.finditer(sentence):
+            if any(m.start() < e and s < m.end() for s, e in taken):
+                continue
+            found.append(Span(kind, m.start(), m.end(), m.group()))
+            taken.append((m.start(), m.end()))
+    found += _name_spans(sentence, taken)
+    return sorted(found, key=lambda s: s.start)
+
+
+def key_terms(text: str) -> set[str]:
+    """The text's names and numbers as lower-case tokens: what an answer may not invent."""
+    terms: set[str] = set()
+    for sentence in sentences(text):
+        for span in fact_spans(sentence):
+            terms.update(t.lower() for t in re.findall(r"[\w'’]+", span.text))
+    return terms
