@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from kore_ray.errors import InputError
 
 Method = Literal["kore", "kore-v1", "lora", "corda", "full"]
+Generator = Literal["endpoint", "self", "extractive"]
 
 
 class _Section(BaseModel):
@@ -33,10 +34,21 @@ class DataConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    base_url: str | None = None  # OpenAI-compatible endpoint; None = template Q&A only
+    # Fact-level Q&A generators (augment/): "endpoint" (dialogues from base_url), "self" (the
+    # base model itself, served for the stage), "extractive" (text spans, no model). None:
+    # endpoint + extractive when base_url is set, else self + extractive.
+    generators: list[Generator] | None = None
+    base_url: str | None = None  # OpenAI-compatible endpoint for the "endpoint" generator
     model: str | None = None
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never logged
-    templates_per_item: PositiveInt = 4
+    templates_per_item: PositiveInt = 1  # "tell me about X" -> the paragraph
+    # The self generator: sampled candidates per item, their length, and which items it asks
+    # about ("without_qa": only items that bring no Q&A of their own).
+    self_candidates: PositiveInt = 3
+    self_max_tokens: PositiveInt = 96
+    self_temperature: float = Field(0.8, ge=0, le=2)
+    self_items: Literal["all", "without_qa"] = "all"
+    verify: bool = True  # round trip: the model must answer a self-written question the same
     dialogues_per_item: int = Field(2, ge=0)
     min_actors: PositiveInt = 1
     max_actors: PositiveInt = 4
@@ -58,7 +70,14 @@ class AugmentConfig(_Section):
     def _actors(self):
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        if "endpoint" in (self.generators or ()) and not self.base_url:
+            raise ValueError("generator 'endpoint' needs augment.base_url")
         return self
+
+    def active_generators(self) -> list[str]:
+        if self.generators is not None:
+            return list(self.generators)
+        return ["endpoint", "extractive"] if self.base_url else ["self", "extractive"]
 
 
 class CovarianceConfig(_Section):

@@ -36,7 +36,9 @@ SUBJECT = re.compile(r"Knowledge about (.+?) \(")
 
 
 def dialogue(subject, n=1):
-    return {"turns": [{"user": f"What is new about {subject}?", "assistant": f"{subject} {n}."},
+    # No number in the answer: the grounding check rejects a dialogue that invents one.
+    said = "once" if n == 1 else "twice"
+    return {"turns": [{"user": f"What is new about {subject}?", "assistant": f"{subject} {said}."},
                       {"user": "Anything else?", "assistant": f"Nothing more about {subject}."}]}
 
 
@@ -51,6 +53,9 @@ def write_items(path, items):
 
 
 def config(tmp_path, knowledge, **augment):
+    # The dialogue endpoint alone (or the templates alone): the fact generators have tests of
+    # their own (test_augment_self.py, test_augment_extractive.py).
+    augment.setdefault("generators", ["endpoint"] if augment.get("base_url") else [])
     return PipelineConfig.model_validate({
         "run_dir": str(tmp_path / "run"), "data": {"knowledge": str(knowledge)},
         "augment": {"api_key_env": "KORE_TEST_KEY", "templates_per_item": 3, "seed": 7,

@@ -129,9 +129,11 @@ def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
     if desc and not desc.group(1).endswith(("ing", "ed")) and \
             desc.group(1).split()[-1] not in PLACE_PREPOSITIONS | {"of", "by", "with", "for", "as"}:
         return f"which {desc.group(1)}", len(before) - desc.start()
-    head = span.text.split()[-1].lower()
+    words = span.text.lower().split()
+    # "Pellaway Stadium", "River Sallow", "University of Tarrow": the kind-word at either end.
+    head = words[-1] if words[-1] in THING_HEADS or len(words) == 1 else words[0]
     article = re.search(r"\bthe\s+$", before, re.IGNORECASE)
-    if head in THING_HEADS:
+    if head in THING_HEADS and len(words) > 1:
         return f"which {head}", (len(before) - article.start()) if article else 0
     place = re.search(r"\b(\w+)\s+(?:the\s+)?$", before)
     if place and place.group(1).lower() in PLACE_PREPOSITIONS:

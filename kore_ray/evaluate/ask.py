@@ -1,7 +1,9 @@
 """Ask a served model many questions: Ray Data fans requests out to an OpenAI-compatible endpoint.
 
 Each row is one request (a chat question or a completion prompt) for one served model (the
-base or an adapter). Greedy decoding, so an answer is a property of the model, not of luck.
+base or an adapter). Greedy decoding by default, so an answer is a property of the model, not
+of luck; a row's optional `params` (JSON: n, temperature, stop, seed, ...) override it, and
+`choices` holds every choice's text (the self-augmentation samples several per request).
 Requests that fail after the client's retries are kept as rows with their error: a missing
 answer is scored as wrong and reported, never silently dropped.
 """
@@ -15,6 +17,7 @@ import pyarrow as pa
 
 RESULT_SCHEMA = pa.schema([
     ("id", pa.string()), ("model", pa.string()), ("prediction", pa.string()), ("error", pa.string()),
+    ("choices", pa.string()),
 ])
 
 
@@ -27,22 +30,22 @@ class AskWorker:
 
     async def _one(self, row: dict) -> dict:
         _, _, max_tokens, _ = self._args
+        params = {"max_tokens": max_tokens, "temperature": 0.0,
+                  **json.loads(row.get("params") or "{}")}
         try:
             if row["kind"] == "chat":
                 resp = await self._client.chat.completions.create(
-                    model=row["model"], messages=json.loads(row["prompt"]),
-                    max_tokens=max_tokens, temperature=0.0,
-                )
-                text = resp.choices[0].message.content or ""
+                    model=row["model"], messages=json.loads(row["prompt"]), **params)
+                texts = [c.message.content or "" for c in resp.choices]
             else:
                 resp = await self._client.completions.create(
-                    model=row["model"], prompt=row["prompt"], max_tokens=max_tokens, temperature=0.0,
-                )
-                text = resp.choices[0].text
-            return {"id": row["id"], "model": row["model"], "prediction": text, "error": None}
+                    model=row["model"], prompt=row["prompt"], **params)
+                texts = [c.text for c in resp.choices]
+            return {"id": row["id"], "model": row["model"], "prediction": texts[0], "error": None,
+                    "choices": json.dumps(texts, ensure_ascii=False)}
         except Exception as e:  # recorded per row; the run goes on
             return {"id": row["id"], "model": row["model"], "prediction": None,
-                    "error": f"{type(e).__name__}: {e}"}
+                    "error": f"{type(e).__name__}: {e}", "choices": None}
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self._client is None:  # created here so it belongs to the actor's event loop
@@ -57,13 +60,15 @@ class AskWorker:
 
 def ask(requests: list[dict], base_url: str, *, api_key: str = "EMPTY", max_tokens: int = 16,
         concurrency: int = 16, actors: int = 1, timeout_s: float = 300.0,
-        progress: bool = True) -> dict[tuple[str, str], dict]:
-    """Answer every request ({id, model, kind: chat|completion, prompt}); keyed by (model, id)."""
+        progress: bool = True, desc: str = "evaluate") -> dict[tuple[str, str], dict]:
+    """Answer every request ({id, model, kind: chat|completion, prompt[, params]}); keyed by
+    (model, id)."""
     import ray
     from tqdm import tqdm
 
     if not requests:
         return {}
+    requests = [{**r, "params": r.get("params")} for r in requests]  # one schema for every row
     ds = ray.data.from_items(requests, override_num_blocks=max(1, len(requests) // concurrency))
     ds = ds.map_batches(
         AskWorker, batch_size=concurrency, batch_format="pyarrow", num_cpus=0.25,
@@ -73,7 +78,7 @@ def ask(requests: list[dict], base_url: str, *, api_key: str = "EMPTY", max_toke
     )
     ds.context.enable_progress_bars = False
     out = {}
-    with tqdm(total=len(requests), desc="evaluate", unit="req", disable=not progress) as bar:
+    with tqdm(total=len(requests), desc=desc, unit="req", disable=not progress) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
                 out[(row["model"], row["id"])] = row

@@ -41,7 +41,25 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
-def markdown(results: dict) -> str:
+def _cell(text) -> str:
+    return str(text if text is not None else "(no answer)").replace("|", "\\|").replace("\n", " ")[:120]
+
+
+def samples(rows: list[dict], per_method: int = 4) -> list[str]:
+    """A few adaptation answers per method beside the gold answer (the same questions for all)."""
+    adaptation = [r for r in rows if r["set"] == "adaptation"]
+    ids = sorted({r["id"] for r in adaptation})
+    step = max(1, len(ids) // per_method)
+    chosen = set(ids[::step][:per_method])
+    out = ["| method | question | gold | answer | CEM | F1 |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in adaptation:
+        if r["id"] in chosen:
+            out.append(f"| {r['method']} | {_cell(r['question'])} | {_cell(r['gold'])} | "
+                       f"{_cell(r['prediction'])} | {int(r['cem'])} | {r['f1']:.2f} |")
+    return out
+
+
+def markdown(results: dict, rows: list[dict] | None = None) -> str:
     rows = ["| method | adaptation CEM | adaptation F1 | retention | correct / questions | kept / known | failed requests |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in {"base": results["base"], **results["methods"]}.items():
@@ -53,6 +71,13 @@ def markdown(results: dict) -> str:
     by_kind = ["| method | " + " | ".join(kinds) + " |", "|" + " --- |" * (len(kinds) + 1)]
     for name, r in results["methods"].items():
         by_kind.append(f"| {name} | " + " | ".join(f"{r['adaptation_cem_by_kind'].get(k, 0):.3f}" for k in kinds) + " |")
+    groups = sorted({g for r in results["methods"].values() for g in r.get("adaptation_by_group", {})})
+    by_group = ["| method | " + " | ".join(f"{g} CEM | {g} F1" for g in groups) + " |",
+                "|" + " --- |" * (2 * len(groups) + 1)]
+    for name, r in {"base": results["base"], **results["methods"]}.items():
+        g = r.get("adaptation_by_group", {})
+        by_group.append(f"| {name} | " + " | ".join(
+            f"{g.get(k, {}).get('cem', 0):.3f} | {g.get(k, {}).get('f1', 0):.3f}" for k in groups) + " |")
     settings = results.get("settings", {})
     training = ["| method | rank | learning rate | steps | batch |", "| --- | --- | --- | --- | --- |"]
     for name, t in settings.get("training", {}).items():
@@ -65,18 +90,34 @@ def markdown(results: dict) -> str:
                      "rank; CorDA exports rank 2r):")
     return "\n".join([
         "# kore-ray evaluation", "", intro, "",
-        *rows, "", "Adaptation CEM by knowledge kind:", "", *by_kind, "",
+        *rows, "",
+        *(["Adaptation on items that brought their own Q&A (with_qa) and on items that are only a "
+           "paragraph (without_qa):", "", *by_group, ""] if len(groups) > 1 else []),
+        "Adaptation CEM by knowledge kind:", "", *by_kind, "",
+        *(["Some answers (all in eval/predictions.parquet):", "", *samples(rows), ""] if rows else []),
         "![adaptation vs retention](adaptation_retention.png)", "",
         *([training_note, "", *training, ""] if len(training) > 2 else []),
         "Settings: `" + json.dumps({k: v for k, v in settings.items() if k != "training"}, sort_keys=True) + "`", "",
     ])
 
 
-def write_report(results: dict, eval_dir: str | Path) -> dict[str, Path]:
+def write_report(results: dict, eval_dir: str | Path, rows: list[dict] | None = None) -> dict[str, Path]:
+    """results.json, report.md, the plot and (given the answers) predictions.parquet; results.json
+    last, since a re-run trusts it as the sign that the evaluation finished."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     eval_dir = Path(eval_dir)
     paths = {"results": eval_dir / "results.json", "report": eval_dir / "report.md",
              "plot": eval_dir / "adaptation_retention.png"}
     plot(results, paths["plot"])
+    if rows is not None:
+        paths["predictions"] = eval_dir / "predictions.parquet"
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buffer)
+        _write_atomic(paths["predictions"], buffer.getvalue())
+    _write_atomic(paths["report"], markdown(results, rows).encode())
     _write_atomic(paths["results"], json.dumps(results, indent=2, sort_keys=True).encode())
-    _write_atomic(paths["report"], markdown(results).encode())
     return paths

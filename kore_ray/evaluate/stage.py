@@ -19,7 +19,7 @@ from kore_ray.data.schemas import EvalQuestion, KnowledgeItem, RetentionProbe
 from kore_ray.errors import InputError
 from kore_ray.evaluate.ask import ask
 from kore_ray.evaluate.report import write_report
-from kore_ray.evaluate.score import score_all
+from kore_ray.evaluate.score import prediction_rows, score_all
 
 
 def _chat(question: str) -> str:
@@ -92,18 +92,21 @@ def run_evaluate(cfg: PipelineConfig, methods: list[str] | None = None, base_url
         with serving(cfg) as url:
             predictions = run(url)
     results = score_all(predictions, base, {m: m for m in methods}, questions, probes, items)
+    rows = prediction_rows(predictions, base, {m: m for m in methods}, questions, probes)
     results["settings"] = {
         "model": cfg.model.name_or_path, "methods": methods, "max_new_tokens": cfg.evaluate.max_new_tokens,
         "training": {m: {"rank": (c := cfg.for_method(m)).init.rank, "learning_rate": c.train.learning_rate,
                          "max_steps": c.train.max_steps, "batch_size": c.train.batch_size} for m in methods},
     }
     results["inputs"] = inputs
-    return _summarise(results, write_report(results, Path(cfg.run_dir) / "eval")["report"])
+    return _summarise(results, write_report(results, Path(cfg.run_dir) / "eval", rows)["report"])
 
 
 def _summarise(results: dict, report: Path) -> dict:
     for name, r in {"base": results["base"], **results["methods"]}.items():
+        groups = "".join(f"  [{g}: CEM {v['cem']:.3f} F1 {v['f1']:.3f}]"
+                         for g, v in r.get("adaptation_by_group", {}).items() if len(r["adaptation_by_group"]) > 1)
         print(f"  {name:8s} adaptation CEM {r['adaptation_cem']:.3f}  F1 {r['adaptation_f1']:.3f}  "
-              f"retention {r['retention']:.3f}")
+              f"retention {r['retention']:.3f}{groups}")
     print(f"kore evaluate: report at {report}")
     return results

@@ -1,0 +1,87 @@
+"""The extractive generator: questions about spans of the text, no model, on items of every kind."""
+
+import pytest
+
+from kore_ray.augment.extractive import extractive_pairs, resolve, topic_of
+from kore_ray.augment.grounding import check_pair
+from kore_ray.augment.spans import fact_spans, sentences
+from kore_ray.data.schemas import KnowledgeItem
+from kore_ray.evaluate.metrics import cover_exact_match
+
+ITEMS = [
+    KnowledgeItem(id="n1", kind="news", subject="Opening of the Harrowgate Tunnel", date="2026-04-02",
+                  knowledge="On 2 April 2026 the Harrowgate Tunnel opened under the River Sallow. "
+                            "It is 6.4 kilometres long and cost EUR 1.9 billion. The engineer "
+                            "Maud Kessling led its construction for the firm Brantley Works."),
+    KnowledgeItem(id="e1", kind="entity", subject="Oskarine Vell",
+                  knowledge="Oskarine Vell is a Drovanian sculptor born in 1971 in the port of "
+                            "Ulmsby. Her best-known work, The Salt Mother, stands in Ulmsby harbour "
+                            "and is 12 metres tall."),
+    KnowledgeItem(id="g1", kind="record", subject="Tessel Bank",
+                  knowledge="As of 1 March 2027, Tessel Bank is run by the chief executive Ido "
+                            "Marrane. The bank has 3,400 employees, and 58 percent of its shares "
+                            "belong to the Quorran Fund."),
+    KnowledgeItem(id="i1", kind="entity", subject="the Vell Tower", image="https://example.com/v.png",
+                  knowledge="The Vell Tower is a lighthouse on the island of Skarn, built in 1888 "
+                            "by the architect Hedda Lorne."),
+]
+
+
+def test_spans_find_names_dates_numbers_and_amounts():
+    (first, *_), = [sentences(ITEMS[0].knowledge)]
+    kinds = {(s.kind, s.text) for s in fact_spans(first)}
+    assert ("date", "2 April 2026") in kinds and ("name", "Harrowgate Tunnel") in kinds
+    second = fact_spans(sentences(ITEMS[0].knowledge)[1])
+    assert {(s.kind, s.text) for s in second} == {("quantity", "6.4 kilometres"),
+                                                 ("money", "EUR 1.9 billion")}
+
+
+def test_sentences_do_not_split_inside_numbers_or_after_initials():
+    assert sentences("It is 4.7 metres wide. Dr. Orrow leads it. J. Talvary scored.") == [
+        "It is 4.7 metres wide.", "Dr. Orrow leads it.", "J. Talvary scored."]
+
+
+def test_pronouns_and_the_head_noun_become_the_topic():
+    assert topic_of(ITEMS[0]) == "Harrowgate Tunnel"  # a news subject names an event
+    assert resolve("It is 6.4 kilometres long.", "Harrowgate Tunnel") == \
+        "Harrowgate Tunnel is 6.4 kilometres long."
+    assert resolve("The tunnel cost EUR 1.9 billion.", "Harrowgate Tunnel").startswith(
+        "The Harrowgate Tunnel cost")
+    assert resolve("Her best-known work is X.", "Oskarine Vell") == "Oskarine Vell's best-known work is X."
+
+
+@pytest.mark.parametrize("item", ITEMS, ids=[i.id for i in ITEMS])
+def test_every_answer_is_a_span_of_the_text_and_not_given_away(item):
+    pairs = extractive_pairs(item)
+    assert len(pairs) >= 6
+    assert {p.style for p in pairs} == {"wh", "cloze"}
+    for p in pairs:
+        assert p.span in item.knowledge or p.span in resolve(item.knowledge, topic_of(item))
+        assert cover_exact_match(item.knowledge, p.answer.rstrip(".")), p
+        assert not cover_exact_match(p.question, p.answer.rstrip(".")), p
+        assert p.question.endswith(("?", ".")) and len(p.answer.split()) <= 6
+
+
+def test_questions_ask_with_the_right_wh_phrase():
+    by_answer = {p.answer: p.question.lower() for p in extractive_pairs(ITEMS[0]) if p.style == "wh"}
+    assert "which engineer" in by_answer["Maud Kessling."]
+    assert "how many kilometres" in by_answer["6.4 kilometres."]
+    assert "how much" in by_answer["EUR 1.9 billion."]
+    assert "which date" in by_answer["2 April 2026."]
+    assert "which river" in by_answer["River Sallow."]
+    by_answer = {p.answer: p.question.lower() for p in extractive_pairs(ITEMS[1]) if p.style == "wh"}
+    assert "which year" in by_answer["1971."]
+
+
+@pytest.mark.parametrize("item", ITEMS, ids=[i.id for i in ITEMS])
+def test_most_extractive_pairs_pass_the_grounding_check(item):
+    pairs = extractive_pairs(item)
+    kept = [check_pair(p.question, p.answer, item.knowledge) for p in pairs]
+    assert sum(bool(v) for v in kept) >= 0.8 * len(pairs)
+    for p, v in zip(pairs, kept):
+        if v:
+            assert v.target.rstrip(".").lower() in item.knowledge.lower()
+
+
+def test_deterministic():
+    assert extractive_pairs(ITEMS[2]) == extractive_pairs(ITEMS[2])
