@@ -145,3 +145,27 @@ def test_pipeline_retries_records_failures_caches_and_reruns_only_what_changed(
     assert "augment" in err and "7/7" in err  # the progress bar
     written = [p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert not any(SECRET.encode() in b for b in written) and SECRET not in out + err
+
+
+@pytest.mark.ray
+def test_endpoint_qa_pairs_are_grounded_targeted_and_cached(ray_local, tmp_path):
+    """The endpoint's targeted Q&A (beside its dialogues) goes through the grounding check:
+    an invented answer is refused and counted, a kept one is trained on its span."""
+    answer = {"dialogues": [dialogue("Zorblax FC")], "qa": [
+        {"question": "Which cup did Zorblax FC win?", "answer": "The Lunar Cup"},
+        {"question": "When did Zorblax FC win the Lunar Cup?", "answer": "On 14 March 2025."},
+        {"question": "Who coaches Zorblax FC?", "answer": "Pep Moreno"}]}
+    knowledge = write_items(tmp_path / "k.jsonl", ITEMS[:1])
+    with OpenAIStub(lambda body: json.dumps(answer)) as stub:
+        cfg = config(tmp_path, knowledge, base_url=stub.url, model="stub-model")
+        summary = run_augment(cfg, progress=False)
+        pairs = {c.messages[0].content: c.messages[1].content
+                 for c in conversations(summary) if "/endpoint-qa/" in c.id}
+        assert pairs == {"Which cup did Zorblax FC win?": "Lunar Cup.",
+                         "When did Zorblax FC win the Lunar Cup?": "14 March 2025."}
+        assert summary["rejected_by_reason"] == {"endpoint-qa:invented": 1}
+        failures = pq.read_table(summary["outputs"]["failures"]).to_pylist()
+        assert [f["stage"] for f in failures] == ["grounding"] and "Pep Moreno" in failures[0]["error"]
+        again = run_augment(cfg, progress=False)
+        assert stub.count() == 1  # the answer, its Q&A included, came from the cache
+        assert conversations(again) == conversations(summary)

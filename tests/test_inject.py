@@ -57,6 +57,7 @@ def test_inject_runs_every_stage_then_skips_them(ray_local, tmp_path, capsys):
         f"data.retention={_jsonl(tmp_path / 'r.jsonl', PROBES[:8])}",
         f"data.retention_eval={_jsonl(tmp_path / 'e.jsonl', PROBES[8:])}",
         "augment.templates_per_item=2", "augment.dialogues_per_item=0",
+        "augment.generators=[extractive]",  # the self generator has tests of its own
         "covariance.batch_size=4", "init.rank=4",
         "train.max_steps=3", "train.batch_size=4", "train.max_length=64",
         "serve.max_lora_rank=8", "serve.max_model_len=256", "serve.kv_cache_gib=0.5",
@@ -74,6 +75,12 @@ def test_inject_runs_every_stage_then_skips_them(ray_local, tmp_path, capsys):
     for method in ("kore", "lora"):
         assert (run_dir / "adapter" / method / "adapter_model.safetensors").is_file()
     assert "| kore |" in (run_dir / "eval" / "report.md").read_text()
+    import pyarrow.parquet as pq
+
+    answers = pq.read_table(run_dir / "eval" / "predictions.parquet").to_pylist()
+    assert len(answers) == 3 * (len(QUESTIONS) + 4)  # base, kore, lora: every answer kept
+    assert {a["method"] for a in answers} == {"base", "kore", "lora"}
+    assert all(a["prediction"] is not None for a in answers)
 
     before = _stamps(run_dir)
     conversations = (run_dir / "augmented" / "conversations.parquet").read_bytes()

@@ -37,6 +37,7 @@ from kore_ray.train.data import (
 from kore_ray.train.loop import MetricsLog, fsdp_kwargs
 from kore_ray.train.steps import (
     assistant_loss_sum,
+    labelled_loss_sum,
     build_optimizer,
     build_scheduler,
     loss_positions,
@@ -122,6 +123,30 @@ def test_logits_only_where_the_loss_needs_them(llama_dir):
         loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_logits_only_for_labelled_tokens(llama_dir):
+    # The step's lm_head sees only the labelled (row, position) hidden states: the loss and
+    # its gradients must be those of the full logits, with rows of different prompt lengths.
+    model, _ = tiny_text_model()
+    batch = _micro(_tokenised(llama_dir, 4), llama_dir, micro=4).micro_batches[0]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    losses, grads = [], []
+    for full in (True, False):
+        model.zero_grad()
+        if full:
+            loss = assistant_loss_sum(model(**inputs).logits, batch["labels"])
+        else:
+            loss = labelled_loss_sum(model, inputs, batch["labels"])
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    hook.remove()
+    assert seen[1][:2] == (1, loss_token_count(batch["labels"]))  # one logit row per label
     torch.testing.assert_close(losses[1], losses[0])
     torch.testing.assert_close(grads[1], grads[0])
 

@@ -28,10 +28,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kore_ray.augment.spans import FUNCTION_WORDS, MONTHS, sentences
+from kore_ray.augment.spans import FUNCTION_WORDS, MONTHS, NUMBER_WORDS, sentences
 from kore_ray.evaluate.metrics import normalize_answer
 
-STOPWORDS = FUNCTION_WORDS | frozenset("""
+STOPWORDS = (FUNCTION_WORDS - NUMBER_WORDS) | frozenset("""
 is are was were be been being has have had do does did will would can could should may might
 must shall not no yes so than then into onto about over under up down out off also only just
 very more less own same such named called known
@@ -103,7 +103,7 @@ def expected_kind(question: str) -> str | None:
 def _kind_ok(kind: str | None, key_original: str) -> bool:
     first = key_original.split()[0] if key_original.split() else ""
     if kind == "number":
-        return bool(_NUMBER.search(key_original))
+        return bool(_NUMBER.search(key_original)) or first.lower() in NUMBER_WORDS
     if kind == "time":
         return bool(_NUMBER.search(key_original)) or any(m in key_original for m in MONTHS)
     if kind == "name":
@@ -112,17 +112,12 @@ def _kind_ok(kind: str | None, key_original: str) -> bool:
 
 
 def _original_span(text: str, key: list[str]) -> str | None:
-    """The text's own words for the normalised token run `key`, with their casing."""
-    words = list(re.finditer(r"\S+", text))
-    norm = [normalize_answer(w.group()).split() for w in words]
-    for i in range(len(words)):
-        got, j = [], i
-        while j < len(words) and len(got) < len(key):
-            got += norm[j]
-            j += 1
-        if got == key and norm[i]:
-            return text[words[i].start():words[j - 1].end()].strip(" ,;:.!?\"'()“”")
-    return None
+    """The text's own words for the normalised token run `key`, with their casing (articles
+    and punctuation between them allowed, as normalisation dropped them)."""
+    gap = r"(?:\W+(?:a|an|the))*\W+"
+    pattern = r"(?<![\w])" + gap.join(re.escape(t) for t in key) + r"(?![\w])"
+    m = re.search(pattern, text, re.IGNORECASE)
+    return m.group().strip(" ,;:.!?\"'()“”") if m else None
 
 
 def invents(statement: str, text: str, skip_first: bool = False) -> bool:
@@ -144,9 +139,10 @@ def check_pair(question: str, answer: str, text: str) -> Verdict:
     if invents(question, text, skip_first=True):
         return Verdict(False, "off_topic")
     q_set = set(q_tokens)
+    q_stems = {_stem(t) for t in q_set}
 
-    def is_new(t: str) -> bool:
-        return t not in q_set and t not in STOPWORDS
+    def is_new(t: str) -> bool:  # "praised" says nothing new to "What did they praise?"
+        return t not in STOPWORDS and _stem(t) not in q_stems
 
     if not any(is_new(t) for t in a_tokens):
         return Verdict(False, "repeats_question")
@@ -155,7 +151,7 @@ def check_pair(question: str, answer: str, text: str) -> Verdict:
     # asked for starts: a number or month for "when"/"how many", a capitalised word for
     # "who"/"where", else the first new word. It runs on to the next question content word.
     kind = expected_kind(question)
-    clause = next(c for c in re.split(r"[,;:()]|\s[-–]\s", answer) if any(map(is_new, _tokens(c))))
+    clause = next(c for c in re.split(r"[;:()]|,\s|\s[-–]\s", answer) if any(map(is_new, _tokens(c))))
     words = re.findall(r"\S+", clause)
     starts = [i for i, w in enumerate(words) if any(map(is_new, _tokens(w)))]
     if kind == "name":
@@ -183,12 +179,15 @@ def check_pair(question: str, answer: str, text: str) -> Verdict:
         return Verdict(False, "not_in_text")
     if not _kind_ok(kind, original):
         return Verdict(False, "wrong_type")
-    # "X is a Y." asserts an identity: the text must say it ("X is a Y", "X, a Y").
-    if re.match(r"^\s*(?:\w+\s+){0,6}?(?:is|was|are|were)\s+(?:a|an|the)\s", answer) and \
-            all(t in q_set or t in STOPWORDS for t in _tokens(answer[:answer.find(original.split()[0])])) and \
-            not re.search(rf"(?:\b(?:is|was|are|were)|,)\s+(?:a|an|the)?\s*{re.escape(original)}", text,
-                          re.IGNORECASE):
-        return Verdict(False, "false_relation")
+    # "X is a Y." asserts what X is: the text must say it of X ("X is a Y", "X, a Y"), not of
+    # something beside X ("the S3 is a vacuum cleaner made by X").
+    copula = re.match(r"^\s*((?:\S+\s+){0,6}?)(?:is|was|are|were)\s+(?:a|an|the)\s", answer)
+    said = _tokens(copula.group(1)) if copula else []
+    if said and all(not is_new(t) for t in said) and any(t not in STOPWORDS for t in said):
+        said_of = re.escape(copula.group(1).split()[-1])
+        if not re.search(rf"\b{said_of}\W*(?:\s+(?:is|was|are|were))?,?\s+(?:a|an|the)?\s*"
+                         rf"{re.escape(original)}", text, re.IGNORECASE):
+            return Verdict(False, "false_relation")
     # The question's relation words (its content words that are not names): where the text
     # has them, the key span must stand in a sentence that has one of them too.
     names = _names(question, skip_first=False)

@@ -14,7 +14,7 @@ import json
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import openai
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from kore_ray.config import AugmentConfig
 from kore_ray.data.schemas import Conversation, KnowledgeItem
 
-PROMPT_VERSION = "dialogues-v1"
+PROMPT_VERSION = "dialogues-qa-v2"
 """Bump when the prompt or schema changes: cached answers to the old prompt are then redone."""
 
 MIN_ROUNDS = 2  # "multi-round": a single question and answer is what the templates give
@@ -44,8 +44,16 @@ class Dialogue(_Strict):
     turns: list[Turn] = Field(min_length=MIN_ROUNDS)
 
 
+class QA(_Strict):
+    question: _Text
+    answer: _Text
+
+
 class Dialogues(_Strict):
     dialogues: list[Dialogue] = Field(min_length=1)
+    # Targeted fact questions (several phrasings per fact). Optional when parsing, so an
+    # endpoint that writes dialogues alone still counts; required in the strict schema.
+    qa: list[QA] = Field(default_factory=list)
 
 
 class InvalidOutput(ValueError):
@@ -56,6 +64,8 @@ def response_schema(n: int) -> dict:
     """The JSON schema of an answer with at most `n` dialogues (for structured output)."""
     schema = Dialogues.model_json_schema()
     schema["properties"]["dialogues"]["maxItems"] = n
+    schema["required"] = sorted(schema["properties"])  # strict mode: every field present
+    schema["properties"]["qa"].pop("default", None)
     return schema
 
 
@@ -80,9 +90,13 @@ def build_messages(item: KnowledgeItem, n: int) -> list[dict]:
         f"Write {n} different multi-round dialogue(s) between a curious user and an assistant. "
         f"In each, the user asks about {item.subject} and follows up; the assistant answers "
         f"only with facts stated in the knowledge above and names {item.subject} explicitly. "
-        f"Each dialogue has {MIN_ROUNDS} to 4 rounds and takes a different angle.\n\n"
+        f"Each dialogue has {MIN_ROUNDS} to 4 rounds and takes a different angle.\n"
+        "Also write targeted questions: for every fact of the knowledge, 2 differently worded "
+        f"questions that name {item.subject}, each answered with the short phrase of the "
+        "knowledge that answers it (a name, a number, a date, a place), nothing more.\n\n"
         'Reply with only a JSON object of the form {"dialogues": [{"turns": '
-        '[{"user": "...", "assistant": "..."}, ...]}, ...]}.'
+        '[{"user": "...", "assistant": "..."}, ...]}, ...], "qa": [{"question": "...", '
+        '"answer": "..."}, ...]}.'
     )
     return [
         {"role": "system", "content": "You write training conversations that teach a language "
@@ -95,6 +109,11 @@ _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
 
 
 def parse_dialogues(text: str | None, n: int) -> list[Dialogue]:
+    """The dialogues of an answer (see `parse_answer`)."""
+    return parse_answer(text, n).dialogues
+
+
+def parse_answer(text: str | None, n: int) -> Dialogues:
     """Validate an answer; InvalidOutput says what was wrong and shows the start of it.
 
     A Markdown code fence around the JSON is accepted (endpoints without structured output
@@ -110,14 +129,14 @@ def parse_dialogues(text: str | None, n: int) -> list[Dialogue]:
     except json.JSONDecodeError as e:
         raise InvalidOutput(f"not JSON ({e.msg} at char {e.pos}): {body[:80]!r}") from None
     try:
-        dialogues = Dialogues.model_validate(data).dialogues
+        answer = Dialogues.model_validate(data)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         where = ".".join(map(str, err["loc"])) or "(answer)"
         raise InvalidOutput(f"{where}: {err['msg']}") from None
-    if len(dialogues) > n:
-        raise InvalidOutput(f"dialogues: {len(dialogues)} given, at most {n} asked for")
-    return dialogues
+    if len(answer.dialogues) > n:
+        raise InvalidOutput(f"dialogues: {len(answer.dialogues)} given, at most {n} asked for")
+    return answer
 
 
 def dialogue_conversations(item: KnowledgeItem, dialogues: list[Dialogue]) -> list[Conversation]:
@@ -214,6 +233,7 @@ class Outcome:
     the token counts include those of invalid answers: both were paid for."""
 
     dialogues: list[Dialogue] | None = None
+    qa: list[QA] = field(default_factory=list)
     error: str | None = None
     requests: int = 0
     prompt_tokens: int = 0
@@ -267,7 +287,8 @@ class DialogueClient:
                 choice = response.choices[0]
                 if choice.finish_reason == "length":
                     raise InvalidOutput(f"cut off at max_tokens ({cfg.max_tokens})")
-                out.dialogues = parse_dialogues(choice.message.content, cfg.dialogues_per_item)
+                answer = parse_answer(choice.message.content, cfg.dialogues_per_item)
+                out.dialogues, out.qa = answer.dialogues, answer.qa
                 return out
             except InvalidOutput as e:
                 retryable, message = True, f"invalid output: {e}"

@@ -37,6 +37,7 @@ from kore_ray.augment.extractive import extractive_pairs
 from kore_ray.augment.grounding import check_pair, invents
 from kore_ray.augment.llm import (
     PROMPT_VERSION,
+    QA,
     Dialogue,
     DialogueClient,
     build_messages,
@@ -69,7 +70,7 @@ FAILURE_SCHEMA = pa.schema([
 
 RESULT_SCHEMA = pa.schema([
     ("id", pa.string()), ("key", pa.string()), ("status", pa.string()),
-    ("dialogues", pa.string()), ("error", pa.string()), ("requests", pa.int32()),
+    ("dialogues", pa.string()), ("qa", pa.string()), ("error", pa.string()), ("requests", pa.int32()),
     ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
 ])
 
@@ -123,9 +124,18 @@ class Cache:
     def put_json(self, key: str, entry: dict) -> None:
         _atomic_write(self._path(key), json.dumps(entry, ensure_ascii=False).encode())
 
-    def put(self, key: str, knowledge_id: str, model: str, dialogues: list[dict]) -> None:
+    def qa(self, key: str) -> list[QA]:
+        """The cached targeted Q&A of an entry ([] for none or an unreadable entry)."""
+        try:
+            return [QA.model_validate(p) for p in (self.get_json(key) or {}).get("qa", [])]
+        except (ValueError, TypeError, ValidationError):
+            return []
+
+    def put(self, key: str, knowledge_id: str, model: str, dialogues: list[dict],
+            qa: list[dict] = ()) -> None:
         self.put_json(key, {"knowledge_id": knowledge_id, "model": model,
-                            "prompt_version": PROMPT_VERSION, "dialogues": dialogues})
+                            "prompt_version": PROMPT_VERSION, "dialogues": dialogues,
+                            "qa": list(qa)})
 
 
 class DialogueWorker:
@@ -142,6 +152,8 @@ class DialogueWorker:
             "id": row["id"], "key": row["key"], "status": "failed" if outcome.error else "ok",
             "dialogues": None if outcome.error else json.dumps(
                 [d.model_dump() for d in outcome.dialogues], ensure_ascii=False),
+            "qa": None if outcome.error else json.dumps(
+                [p.model_dump() for p in outcome.qa], ensure_ascii=False),
             "error": outcome.error, "requests": outcome.requests,
             "prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
         }
@@ -254,7 +266,7 @@ def _pair(item: KnowledgeItem, generator: str, i: int, question: str, answer: st
 
 
 def fact_tree(item: KnowledgeItem, generators: list[str], self_outcome, dialogues: list[Dialogue],
-              ) -> tuple[list[Conversation], list[Failure], Counter]:
+              endpoint_qa: list[QA] = ()) -> tuple[list[Conversation], list[Failure], Counter]:
     """An item's generated conversations, each pair grounded in its text, and the rejects
     (as failure rows with the rejected text) counted by "generator:reason"."""
     convs, failures, rejected = [], [], Counter()
@@ -264,13 +276,19 @@ def fact_tree(item: KnowledgeItem, generators: list[str], self_outcome, dialogue
         failures.append(Failure(item.id, "grounding", f"{generator}: {reason}: "
                                 f"Q: {question!r} A: {answer!r}", 0))
 
-    if "extractive" in generators:
-        for pair in extractive_pairs(item):
-            verdict = check_pair(pair.question, pair.answer, item.knowledge)
+    def checked(generator: str, pairs) -> None:
+        n = 0
+        for question, answer in pairs:
+            verdict = check_pair(question, answer, item.knowledge)
             if verdict:
-                convs.append(_pair(item, "extractive", len(convs), pair.question, verdict.target))
+                convs.append(_pair(item, generator, n, question, verdict.target))
+                n += 1
             else:
-                reject("extractive", verdict.reason, pair.question, pair.answer)
+                reject(generator, verdict.reason, question, answer)
+
+    if "extractive" in generators:
+        checked("extractive", [(p.question, p.answer) for p in extractive_pairs(item)])
+    checked("endpoint-qa", [(p.question, p.answer) for p in endpoint_qa])
     if self_outcome is not None:
         if self_outcome.error:
             failures.append(Failure(item.id, "self", self_outcome.error, 1))
@@ -317,12 +335,12 @@ def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
     rejected = Counter()
     self_outcomes = _self_pairs(items, cfg, cache, stats, progress) if "self" in generators else {}
 
-    def finish(item: KnowledgeItem, found: list[Dialogue]) -> None:
+    def finish(item: KnowledgeItem, found: list[Dialogue], qa: list[QA] = ()) -> None:
         """Build an item's tree; called as each item's dialogues arrive, so this CPU work
         overlaps the requests still in flight."""
         tree, problems = template_tree(item, acfg.templates_per_item, acfg.seed)
         failures.extend(Failure(p.knowledge_id, p.stage, p.error, 0) for p in problems)
-        facts, rejects, counts = fact_tree(item, generators, self_outcomes.get(item.id), found)
+        facts, rejects, counts = fact_tree(item, generators, self_outcomes.get(item.id), found, qa)
         failures.extend(rejects)
         rejected.update(counts)
         trees[item.id], dropped = drop_near_duplicates(tree + facts, acfg.dedup_threshold)
@@ -338,7 +356,7 @@ def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
                 todo.append(item)
                 continue
             stats["items_cached"] += 1
-        finish(item, cached or [])
+        finish(item, cached or [], cache.qa(keys[item.id]) if use_llm else [])
 
     llm_start = time.perf_counter()
     by_id = {item.id: item for item in todo}
@@ -346,16 +364,17 @@ def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
         stats.update(requests=row["requests"], retries=row["requests"] - 1,
                      prompt_tokens=row["prompt_tokens"],
                      completion_tokens=row["completion_tokens"])
-        found = []
+        found, qa = [], []
         if row["status"] == "ok":
-            raw = json.loads(row["dialogues"])
-            cache.put(row["key"], row["id"], acfg.model, raw)
+            raw, raw_qa = json.loads(row["dialogues"]), json.loads(row["qa"] or "[]")
+            cache.put(row["key"], row["id"], acfg.model, raw, raw_qa)
             found = [Dialogue.model_validate(d) for d in raw]
+            qa = [QA.model_validate(p) for p in raw_qa]
             stats["items_ok"] += 1
         else:
             failures.append(Failure(row["id"], "dialogue", row["error"], row["requests"]))
             stats["items_failed"] += 1
-        finish(by_id[row["id"]], found)
+        finish(by_id[row["id"]], found, qa)
     llm_wall = time.perf_counter() - llm_start if todo else 0.0
 
     order = {item.id: i for i, item in enumerate(items)}  # output in input order, not arrival

@@ -40,6 +40,8 @@ on in at by for from to of with after before during since until when while where
 whose what why how and or but if as also however its after today yesterday last next each
 every all both many most some several one two three four five six seven eight nine ten
 """.split())
+NUMBER_WORDS = frozenset("""one two three four five six seven eight nine ten eleven twelve
+twenty thirty forty fifty hundred thousand million billion dozen""".split())
 # Lower-case words allowed inside a name ("University of Tarrow", "Bay of Kells").
 _NAME_JOINERS = frozenset({"of", "de", "la", "van", "von", "del", "da", "du"})
 _WORD = re.compile(r"[A-Za-zÀ-ÖØ-öø-ÿ][\w'’-]*")

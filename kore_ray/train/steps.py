@@ -41,6 +41,26 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
 
 
+def labelled_loss_sum(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """`assistant_loss_sum` with logits for the labelled (row, position) pairs alone.
+
+    `loss_positions` keeps a position labelled in ANY row, so a micro-batch of short answers
+    at different offsets still pays the 262k-wide lm_head for rows x the union of their
+    positions (8x the labelled tokens, measured on short Q&A). Here a pre-hook on the output
+    embeddings hands it only the labelled hidden states, as one row: the same loss and
+    gradients, for every model that applies its lm_head to (batch, seq, hidden) states.
+    """
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    head = getattr(model, "module", model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(
+        lambda _, args: (args[0][rows, cols].unsqueeze(0), *args[1:]))
+    try:
+        logits = model(**inputs, use_cache=False, logits_to_keep=0).logits
+    finally:
+        handle.remove()
+    return F.cross_entropy(logits[0].float(), labels[:, 1:][rows, cols], reduction="sum")
+
+
 def assistant_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
                        positions: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of next-token cross-entropies over the labelled (assistant) tokens.
@@ -150,9 +170,7 @@ def train_step(
         sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            positions = loss_positions(batch["labels"])
-            logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
-            loss = assistant_loss_sum(logits, batch["labels"], positions)
+            loss = labelled_loss_sum(model, inputs, batch["labels"])
             (loss * scale).backward()
         loss_sum += loss.detach()
     grad_norm = _clip(model, max_grad_norm)
