@@ -139,6 +139,9 @@ class ServeConfig(_Section):
     adapter_rescan_s: float = Field(10.0, ge=0)  # a request rescans adapters at most this often
     num_cpus: float = Field(1.0, ge=0)  # Ray's accounting per replica; vLLM's threads use the node
     use_gpu: bool = False  # one GPU per replica (the `gpu` extra's vLLM)
+    # CPU engine: cores vLLM keeps free of its compute threads (None: vLLM's default, one).
+    # On a 2-core laptop 0 lets it compute on both: 1.3x faster generation measured.
+    cpu_reserved_cores: int | None = Field(None, ge=0)
     min_replicas: PositiveInt = 1
     max_replicas: PositiveInt = 1
     max_ongoing_requests: PositiveInt = 32  # per replica; more wait in Serve's queue

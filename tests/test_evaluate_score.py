@@ -36,3 +36,30 @@ def test_missing_predictions_score_as_wrong():
     lora = res["methods"]["lora"]
     assert lora["adaptation_cem"] == 0.0 and lora["counts"]["failed_requests"] == 2
     assert lora["retention"] == 0.0 and lora["counts"]["retention_known"] == 0
+
+
+def test_every_answer_is_kept_and_the_report_shows_groups_and_samples(tmp_path):
+    import pyarrow.parquet as pq
+
+    from kore_ray.evaluate.report import write_report
+    from kore_ray.evaluate.score import prediction_rows
+
+    items = [ITEMS[0].model_copy(update={"qa": [{"question": "Who?", "answer": "Mira Quell"}]}), ITEMS[1]]
+    preds = _rows("base", {"q1": "No", "q2": "No", "p0": "v0", "p1": "v1", "p2": "x", "p3": "x"})
+    preds |= _rows("kore", {"q1": "Mira Quell.", "q2": "412 | grams", "p0": "v0", "p1": "x",
+                            "p2": None, "p3": "v3"})
+    res = score_all(preds, "base", {"kore": "kore"}, QUESTIONS, PROBES, items)
+    groups = res["methods"]["kore"]["adaptation_by_group"]
+    assert groups == {"with_qa": {"cem": 1.0, "f1": 1.0, "questions": 1},
+                      "without_qa": {"cem": 1.0, "f1": 1.0, "questions": 1}}
+    rows = prediction_rows(preds, "base", {"kore": "kore"}, QUESTIONS, PROBES)
+    assert len(rows) == 2 * (len(QUESTIONS) + len(PROBES))
+    kore_p2 = next(r for r in rows if r["method"] == "kore" and r["id"] == "p2")
+    assert kore_p2["prediction"] is None and kore_p2["error"] == "boom" and not kore_p2["cem"]
+    assert {r["set"] for r in rows if r["id"] in ("p2", "p3")} == {"retention_unknown"}  # base missed them
+    paths = write_report(res, tmp_path, rows)
+    assert pq.read_table(paths["predictions"]).num_rows == len(rows)
+    report = paths["report"].read_text()
+    assert "with_qa CEM" in report and "without_qa F1" in report
+    assert "| kore | Who founded it? | Mira Quell | Mira Quell. | 1 | 1.00 |" in report
+    assert "412 \\| grams" in report  # a pipe in an answer does not break the table

@@ -59,7 +59,7 @@ def samples(rows: list[dict], per_method: int = 4) -> list[str]:
     return out
 
 
-def markdown(results: dict, rows: list[dict] | None = None) -> str:
+def markdown(results: dict, answers: list[dict] | None = None) -> str:
     rows = ["| method | adaptation CEM | adaptation F1 | retention | correct / questions | kept / known | failed requests |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in {"base": results["base"], **results["methods"]}.items():
@@ -94,7 +94,7 @@ def markdown(results: dict, rows: list[dict] | None = None) -> str:
         *(["Adaptation on items that brought their own Q&A (with_qa) and on items that are only a "
            "paragraph (without_qa):", "", *by_group, ""] if len(groups) > 1 else []),
         "Adaptation CEM by knowledge kind:", "", *by_kind, "",
-        *(["Some answers (all in eval/predictions.parquet):", "", *samples(rows), ""] if rows else []),
+        *(["Some answers (all in eval/predictions.parquet):", "", *samples(answers), ""] if answers else []),
         "![adaptation vs retention](adaptation_retention.png)", "",
         *([training_note, "", *training, ""] if len(training) > 2 else []),
         "Settings: `" + json.dumps({k: v for k, v in settings.items() if k != "training"}, sort_keys=True) + "`", "",

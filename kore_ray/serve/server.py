@@ -231,7 +231,9 @@ def build_app(cfg: PipelineConfig):
         max_ongoing_requests=s.max_ongoing_requests,
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                             "target_ongoing_requests": s.target_ongoing_requests},
-        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": 1 if s.use_gpu else 0},
+        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": 1 if s.use_gpu else 0, **(
+            {"runtime_env": {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(s.cpu_reserved_cores)}}}
+            if s.cpu_reserved_cores is not None and not s.use_gpu else {})},
     ).bind(replica_args(cfg))
 
 
