@@ -118,7 +118,7 @@ def test_self_generator_against_the_served_embedded_model(tmp_path, ray_local, g
     from kore_ray.serve import serving
 
     demo = Path(__file__).resolve().parents[1] / "data" / "demo" / "knowledge.jsonl"
-    items = read_records(demo, KnowledgeItem)[60:64]  # paragraphs only, no qa
+    items = [i for i in read_records(demo, KnowledgeItem) if not i.qa][:4]  # paragraphs only
     cfg = PipelineConfig.model_validate({
         "run_dir": str(tmp_path), "serve": {"max_lora_rank": 8, "adapters": str(tmp_path / "none")}})
     with serving(cfg) as url:

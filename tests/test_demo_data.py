@@ -36,7 +36,7 @@ def covariance():
 
 
 def test_sizes(items, questions, retention_eval, covariance):
-    assert len(items) >= 100
+    assert len(items) >= 50
     assert len(questions) >= 2 * len(items)
     assert len(retention_eval) >= 100
     assert len(covariance) >= 150
