@@ -40,7 +40,7 @@ def responder(body):
     question = re.findall(r"Question: (.+)\nAnswer:", prompt)[-1]
     if question in READS:
         return " " + READS[question]
-    pairs = dict(re.findall(r"Q: (.+)\nA: (.+)", WRITTEN["z1"] + "\nQ:" + WRITTEN["z2"]))
+    pairs = dict(re.findall(r"Q: (.+)\nA: (.+)", f"Q:{WRITTEN['z1']}\nQ:{WRITTEN['z2']}"))
     return " " + pairs.get(question, "no idea")
 
 
@@ -83,7 +83,7 @@ def stub_serving(monkeypatch):
 def test_self_pairs_are_grounded_verified_cached_and_a_failed_item_is_asked_again(
         tmp_path, ray_local, stub_serving):
     stub, starts = stub_serving
-    stub.script("Tessaly who founded the Quell Studio in 2011.\nQ:", Status(400), repeat_last=True)
+    stub.script("who founded the Quell Studio in 2011.", Status(400), repeat_last=True)
     cfg = _config(tmp_path)
     first = run_augment(cfg, progress=False)
     assert len(starts) == 1 and starts[0].endswith("no-adapters")  # the base model alone

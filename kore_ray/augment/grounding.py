@@ -164,12 +164,14 @@ def check_pair(question: str, answer: str, text: str) -> Verdict:
     if any(_NUMBER.search(w) or (w[:1].isupper() and i) for i, w in enumerate(words[:starts[0]])
            if any(map(is_new, _tokens(w)))):
         return Verdict(False, "wrong_type")
-    key = []
+    key, previous = [], ""
     for w in words[starts[0]:]:
         toks = _tokens(w)
-        if key and any(t in q_set and t not in STOPWORDS for t in toks):
+        name_goes_on = w[:1].isupper() and previous[:1].isupper()  # "Lunar Cup" for "which cup"
+        if key and not name_goes_on and any(t in q_set and t not in STOPWORDS for t in toks):
             break
         key += toks
+        previous = w
     while key and key[-1] in STOPWORDS:
         key.pop()
     if not key or not _contains(t_tokens, key):
