@@ -292,8 +292,7 @@ def fact_tree(item: KnowledgeItem, generators: list[str], self_outcome, dialogue
     if self_outcome is not None:
         if self_outcome.error:
             failures.append(Failure(item.id, "self", self_outcome.error, 1))
-        for n, (question, target) in enumerate(self_outcome.kept):
-            convs.append(_pair(item, "self", n, question, target))
+        checked("self", self_outcome.kept)  # again: a cached pair meets today's check too
         for reason, question, answer in self_outcome.rejected:
             reject("self", reason, question, answer)
     grounded = []

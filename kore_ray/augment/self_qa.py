@@ -121,9 +121,10 @@ def generate_self_pairs(items: list[KnowledgeItem], url: str, model: str, *, can
                 url, api_key=api_key, progress=progress, desc="augment: self")
     screened = {}
     for item in items:
-        row = asked.get((model, item.id)) or {}
+        row = asked.get((model, item.id)) or {"error": "no answer came back"}
         texts = json.loads(row["choices"]) if row.get("choices") else []
-        screened[item.id] = (texts, *screen(item, texts), row.get("error"))
+        error = row.get("error") or (None if texts else "the answer had no choices")
+        screened[item.id] = (texts, *screen(item, texts), error)
     checks = {}
     if verify:
         greedy = json.dumps({"max_tokens": 16, "temperature": 0.0, "stop": ["\n"]})
