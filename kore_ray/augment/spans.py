@@ -116,11 +116,3 @@ def fact_spans(sentence: str) -> list[Span]:
     found += _name_spans(sentence, taken)
     return sorted(found, key=lambda s: s.start)
 
-
-def key_terms(text: str) -> set[str]:
-    """The text's names and numbers as lower-case tokens: what an answer may not invent."""
-    terms: set[str] = set()
-    for sentence in sentences(text):
-        for span in fact_spans(sentence):
-            terms.update(t.lower() for t in re.findall(r"[\w'’]+", span.text))
-    return terms
