@@ -2,7 +2,7 @@
 
 import pytest
 
-from kore_ray.augment.extractive import extractive_pairs, resolve, topic_of
+from kore_ray.augment.extractive import extractive_pairs, fronted_question, past_lemma, resolve, topic_of
 from kore_ray.augment.grounding import check_pair
 from kore_ray.augment.spans import fact_spans, sentences
 from kore_ray.data.schemas import KnowledgeItem
@@ -54,7 +54,7 @@ def test_pronouns_and_the_head_noun_become_the_topic():
 def test_every_answer_is_a_span_of_the_text_and_not_given_away(item):
     pairs = extractive_pairs(item)
     assert len(pairs) >= 6
-    assert {p.style for p in pairs} == {"wh", "cloze"}
+    assert {"wh", "cloze"} <= {p.style for p in pairs} <= {"wh", "fronted", "cloze"}
     for p in pairs:
         assert p.span in item.knowledge or p.span in resolve(item.knowledge, topic_of(item))
         assert cover_exact_match(item.knowledge, p.answer.rstrip(".")), p
@@ -81,6 +81,35 @@ def test_most_extractive_pairs_pass_the_grounding_check(item):
     for p, v in zip(pairs, kept):
         if v:
             assert v.target.rstrip(".").lower() in item.knowledge.lower()
+
+
+def _fronted(sentence: str, span_text: str) -> str | None:
+    (span,) = [s for s in fact_spans(sentence) if s.text == span_text]
+    return fronted_question(sentence, span, "topic")
+
+
+def test_fronted_questions_put_the_wh_phrase_first_and_invert_the_verb():
+    assert _fronted("On 11 February 2027 the maker Brisk & Pellow opened a factory in the town "
+                    "of Ondersby.", "Ondersby") == \
+        "In which town did the maker Brisk & Pellow open a factory on 11 February 2027?"
+    assert _fronted("Ondrebay was sworn in as premier on 22 March 2027.", "22 March 2027") == \
+        "On which date was Ondrebay sworn in as premier?"
+    assert _fronted("The programme has received EUR 4.2 million from the Lorvane Fund.",
+                    "EUR 4.2 million") == "How much has the programme received from the Lorvane Fund?"
+    # The subject itself, a participle before "by", a quote or a second verb: no inversion.
+    assert _fronted("Maud Kessling led the construction.", "Maud Kessling") is None
+    assert _fronted('"It is done," said the engineer Oddny Parcelin.', "Oddny Parcelin") is None
+    assert _fronted("Construction took seven years and was carried out by the firm Brudwick "
+                    "Works.", "Brudwick Works") is None
+
+
+@pytest.mark.parametrize("past,base", [("opened", "open"), ("announced", "announce"),
+                                       ("located", "locate"), ("stopped", "stop"),
+                                       ("carried", "carry"), ("installed", "install"),
+                                       ("named", "name"), ("won", "win"), ("retired", "retire")])
+def test_past_lemma(past, base):
+    assert past_lemma(past) == base
+    assert past_lemma("seed") is None and past_lemma("river") is None
 
 
 def test_deterministic():

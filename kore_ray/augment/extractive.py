@@ -49,7 +49,7 @@ class FactPair:
     answer: str
     span: str  # the answer's span, verbatim from the text
     kind: str  # the span's kind (name, date, quantity, ...)
-    style: str  # "wh" or "cloze"
+    style: str  # "wh" (in place), "fronted" (a natural question) or "cloze"
 
 
 def topic_of(item: KnowledgeItem) -> str:
@@ -164,10 +164,98 @@ def wh_question(sentence: str, span: Span, topic: str) -> str | None:
     return question[0].upper() + question[1:] + "?"
 
 
+AUXILIARIES = frozenset("is was are were has have had will would can could".split())
+IRREGULAR_PAST = dict(w.split(":") for w in """won:win beat:beat took:take led:lead made:make
+sold:sell bought:buy built:build wrote:write gave:give became:become began:begin came:come
+ran:run left:leave held:hold kept:keep sent:send spent:spend told:tell drew:draw grew:grow
+chose:choose rose:rise fell:fall met:meet paid:pay said:say saw:see lost:lose brought:bring
+taught:teach caught:catch fought:fight struck:strike swore:swear found:find flew:fly got:get
+set:set put:put cut:cut shut:shut hit:hit""".split())
+_ADVERBS = frozenset("today yesterday now also recently later then formally officially".split())
+# A leading adjunct that ends in a date or year ("On 11 February 2027 the maker opened ..."):
+# a fronted question moves it to the end.
+_DATED_ADJUNCT = re.compile(r"^(?:On|In|At|By|After|During|Since|From)\s[^,:]*?\b\d{4},?\s+")
+
+
+def past_lemma(word: str) -> str | None:
+    """The base form of a past-tense verb ("opened" -> "open", "won" -> "win"), or None.
+    Rules, not a lexicon: a wrong "e" now and then costs a question its polish, not its fact."""
+    if word in IRREGULAR_PAST:
+        return IRREGULAR_PAST[word]
+    if len(word) < 5 or not word.endswith("ed") or not word.isalpha() or word.endswith("eed"):
+        return None
+    if word.endswith("ied"):
+        return word[:-3] + "y"
+    stem = word[:-2]
+    if stem[-1] == stem[-2] and stem[-1] not in "aeiouslz":  # "stopped", not "installed"
+        return stem[:-1]
+    vowel_groups = re.findall(r"[aeiouy]+", stem)
+    needs_e = (stem.endswith(("v", "z", "u", "c", "ir", "ur", "iz", "ys", "dg", "rg", "tl", "bl"))
+               or re.search(r"[^aeiou]at$", stem)
+               or len(vowel_groups) == 1 and re.search(r"[^aeiou][aeiou][^aeiouwxy]$", stem))
+    return stem + "e" if needs_e else stem
+
+
+def fronted_question(sentence: str, span: Span, topic: str) -> str | None:
+    """The question a person would ask about `span`, wh-phrase first ("On which date was
+    Ondrebay sworn in as premier?"), or None where the clause has no subject and verb to
+    invert, or the span is the subject (then the in-place question is already this one)."""
+    clause, offset = clause_of(sentence, span)
+    s, e = span.start - offset, span.end - offset
+    adjunct = _DATED_ADJUNCT.match(clause)
+    if adjunct and adjunct.end() <= s:
+        tail = " " + clause[:adjunct.end()].rstrip(" ,")
+        tail = tail[0] + tail[1].lower() + tail[2:]
+        clause, s, e = clause[adjunct.end():], s - adjunct.end(), e - adjunct.end()
+    else:
+        tail = ""
+    phrase, swallow = _wh_phrase(span, clause[:s])
+    before, after = clause[:s - swallow].split(), clause[e:].rstrip(" .!?")
+    if not before:
+        return None
+    for i, word in enumerate(before[1:8], start=1):
+        if before[i + 1:i + 2] == ["by"]:
+            continue  # "the party led by X": a participle, not the verb
+        if word in AUXILIARIES:
+            aux, rest = word, before[i + 1:]
+        elif (lemma := past_lemma(word)) is not None:
+            aux, rest = "did", [lemma, *before[i + 1:]]
+        else:
+            continue
+        subject = [w for w in before[:i] if w.lower() not in _ADVERBS]
+        break
+    else:
+        return None
+    if not subject or any(w.endswith((",", ":", ";")) or w in "-|" or w[0] in "\"“"
+                          for w in before) or {"and", "but", "or", "that", "which", "who"} & set(rest) \
+            or subject[0].lower() in PLACE_PREPOSITIONS | {"on", "by", "with", "for", "after"} \
+            or subject[0] in ("It", "He", "She", "They"):
+        return None  # a quote, relative clause, list or second verb: no clean inversion
+    if subject[0] in ("The", "A", "An", "Its", "His", "Her", "Their"):
+        subject[0] = subject[0].lower()
+    if rest and rest[-1].lower() in PLACE_PREPOSITIONS | {"on", "by", "with", "for"} \
+            and phrase.startswith(("which", "what", "who")):
+        # "opened a factory in which town" -> "In which town did ... open a factory?"
+        phrase = f"{rest.pop()} {'whom' if phrase == 'who' else phrase}"
+    question = " ".join([phrase, aux, *subject, *rest]) + after + tail
+    question = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", question)).strip()
+    return question[0].upper() + question[1:] + "?"
+
+
 def cloze_question(sentence: str, span: Span, topic: str) -> str:
     clause, offset = clause_of(sentence, span)
     blank = clause[:span.start - offset] + "___" + clause[span.end - offset:]
     return f"Fill in the blank about {topic}: {blank.rstrip(' .!?')}."
+
+
+def _capitalised_only_by_position(span: Span, sentence: str, item: KnowledgeItem) -> bool:
+    """A one-word "name" that opens a sentence ("Researchers at ...", "Turnout was ...") and is
+    nowhere else capitalised, neither mid-sentence in the text nor in the subject: an ordinary
+    word, not a fact to ask about."""
+    if span.kind != "name" or " " in span.text or sentence[:span.start].strip(" \"“(:|-"):
+        return False
+    elsewhere = re.compile(rf"[^.!?:|\s]\s+{re.escape(span.text)}\b")
+    return not (elsewhere.search(item.knowledge) or span.text in item.subject)
 
 
 def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
@@ -177,12 +265,16 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
     for raw in sentences(item.knowledge):
         sentence = resolve(raw, topic)
         for span in fact_spans(sentence):
-            if span.text.lower() in topic.lower() or span.kind == "number" and len(span.text) < 2:
-                continue  # the topic itself, or a lone digit: nothing worth asking
+            if span.text.lower() in topic.lower() or span.kind == "number" and len(span.text) < 2 \
+                    or _capitalised_only_by_position(span, sentence, item):
+                continue  # the topic itself, a lone digit, a sentence's first word: no fact
             answer = _answer(re.sub(r"^the\s+", "", span.text, flags=re.IGNORECASE))
             question = wh_question(sentence, span, topic)
             if question:
                 pairs.append(FactPair(question, answer, span.text, span.kind, "wh"))
+            fronted = fronted_question(sentence, span, topic)
+            if fronted and fronted != question:
+                pairs.append(FactPair(fronted, answer, span.text, span.kind, "fronted"))
             pairs.append(FactPair(cloze_question(sentence, span, topic), answer, span.text,
                                   span.kind, "cloze"))
     return pairs

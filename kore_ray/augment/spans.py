@@ -90,7 +90,7 @@ def _name_spans(sentence: str, taken: list[tuple[int, int]]) -> list[Span]:
     prev_end = 0
     for start, end, word in words:
         gap = sentence[prev_end:start]
-        if run and (gap.strip() not in ("", "-") or "," in gap):
+        if run and (gap.strip() not in ("", "-", "&") or "," in gap):  # "Brisk & Pellow"
             close()
         if word[0].isupper() and not word.isupper() or (word.isupper() and len(word) > 1):
             run.append((start, end, word))
@@ -111,8 +111,12 @@ def fact_spans(sentence: str) -> list[Span]:
         for m in pattern.finditer(sentence):
             if any(m.start() < e and s < m.end() for s, e in taken):
                 continue
-            found.append(Span(kind, m.start(), m.end(), m.group()))
-            taken.append((m.start(), m.end()))
+            span = Span(kind, m.start(), m.end(), m.group())
+            if kind == "quantity" and span.text.split()[-1].lower() in FUNCTION_WORDS | {"and", "or"}:
+                number = span.text.rsplit(None, 1)[0]  # "41 of the 90 seats": no unit
+                span = Span("number", span.start, span.start + len(number), number)
+            found.append(span)
+            taken.append((span.start, span.end))
     found += _name_spans(sentence, taken)
     return sorted(found, key=lambda s: s.start)
 
