@@ -115,6 +115,10 @@ class TrainConfig(_Section):
     num_workers: PositiveInt = 1  # must divide batch_size
     cpus_per_worker: PositiveInt = 1  # on CPU also the worker's torch threads
     use_gpu: bool = False  # one GPU per worker, nccl, bfloat16 base weights
+    # bfloat16 autocast of forward and backward (weights and optimizer stay float32 on CPU).
+    # auto: on where bfloat16 matmuls are fast, a GPU or a CPU with AMX or AVX512-BF16 (2-3x
+    # faster steps there); elsewhere CPU bfloat16 is slower than float32, so auto leaves it off.
+    autocast: Literal["auto", "bfloat16", "off"] = "auto"
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp needs use_gpu
     activation_checkpointing: bool = False  # recompute in backward: less memory, ~30% slower
     checkpoint_every: PositiveInt = 50  # steps; the last step is always checkpointed

@@ -212,6 +212,37 @@ def test_activation_checkpointing_changes_nothing(llama_dir):
         torch.testing.assert_close(p, q)
 
 
+def test_bfloat16_autocast_keeps_float32_weights_and_the_loss(llama_dir):
+    """Autocast computes in bf16 but the parameters, their gradients and the optimizer stay
+    float32: the loss agrees with the float32 step to bf16's precision."""
+    batches = _micro(_tokenised(llama_dir, 4), llama_dir, micro=2).micro_batches
+    plain, _ = tiny_text_model()
+    mixed, _ = tiny_text_model()
+    a, b = _sgd_step(plain, batches), _step_amp(mixed, batches)
+    assert b.loss == pytest.approx(a.loss, rel=2e-2) and b.loss != a.loss
+    assert all(p.dtype == torch.float32 for p in mixed.parameters())
+    start, _ = tiny_text_model()
+    assert any(not torch.equal(p, q) for p, q in zip(start.parameters(), mixed.parameters()))
+
+
+def _step_amp(model, micro_batches):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return train_step(model, opt, build_scheduler(opt, 10, 0, "constant"), micro_batches,
+                      max_grad_norm=1.0, autocast=torch.bfloat16)
+
+
+def test_autocast_setting_resolves_per_device(monkeypatch):
+    from kore_ray.train import steps
+
+    cpu = torch.device("cpu")
+    assert steps.autocast_dtype("off", cpu) is None
+    assert steps.autocast_dtype("bfloat16", cpu) is torch.bfloat16
+    monkeypatch.setattr(steps, "fast_bfloat16", lambda device: False)
+    assert steps.autocast_dtype("auto", cpu) is None
+    monkeypatch.setattr(steps, "fast_bfloat16", lambda device: True)
+    assert steps.autocast_dtype("auto", cpu) is torch.bfloat16
+
+
 # --- data plan ----------------------------------------------------------------------------
 
 

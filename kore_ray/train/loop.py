@@ -48,7 +48,7 @@ from kore_ray.train.checkpoint import (
     write_checkpoint,
 )
 from kore_ray.train.data import Collate, shard_name
-from kore_ray.train.steps import build_optimizer, build_scheduler, train_step
+from kore_ray.train.steps import autocast_dtype, build_optimizer, build_scheduler, train_step
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class WorkerSpec:
     model: str
     init_dir: str
     dtype: str
+    autocast: str  # train.autocast; each worker resolves "auto" for its own device
     strategy: str  # "ddp" | "fsdp"
     total_steps: int
     per_worker_batch: int
@@ -192,6 +193,9 @@ def train_loop_per_worker(config: dict) -> None:
     )
     reduce = _all_reduce if world > 1 else (lambda t: t)
     dtype = getattr(torch, spec.dtype)
+    amp = autocast_dtype(spec.autocast, device)
+    if rank == 0 and spec.progress and amp is not None:
+        print(f"kore train: {str(amp).removeprefix('torch.')} autocast on {device.type}", flush=True)
     every_print = max(1, spec.total_steps // 20)
     step, clock, cpu_clock = start, time.perf_counter(), time.process_time()
     for batch in batches:
@@ -202,7 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
         stats = train_step(
             model, optimizer, scheduler,
             [_to_device(mb, device, dtype) for mb in batch.micro_batches],
-            world_size=world, all_reduce=reduce, max_grad_norm=spec.max_grad_norm,
+            world_size=world, all_reduce=reduce, max_grad_norm=spec.max_grad_norm, autocast=amp,
         )
         step += 1
         now, cpu_now = time.perf_counter(), time.process_time()

@@ -12,10 +12,12 @@ differently whenever workers hold different numbers of assistant tokens.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +137,25 @@ def _clip(model: nn.Module, max_norm: float | None) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(params, limit)
 
 
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls beat float32 on `device`: any recent GPU; a CPU only with AMX
+    or AVX512-BF16 (oneDNN's bf16 kernels; without them torch emulates bf16, slowly)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, stay on float32
+        return False
+    return bool(re.search(r"\b(?:amx_bf16|avx512_bf16)\b", flags))
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for train.autocast on this worker's device (None: full precision)."""
+    if setting == "bfloat16" or setting == "auto" and fast_bfloat16(device):
+        return torch.bfloat16
+    return None
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -144,13 +165,15 @@ def train_step(
     world_size: int = 1,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduce,
     max_grad_norm: float | None = None,
+    autocast: torch.dtype | None = None,
 ) -> StepStats:
     """Forward/backward over this worker's micro-batches, then one optimizer step.
 
     `micro_batches` are model inputs (already on the model's device) with `labels`.
     `all_reduce` sums a tensor over the workers in place and returns it (identity for one
     worker); gradients are averaged by the DDP/FSDP wrapper, synchronised once per step
-    (`no_sync` on every micro-batch but the last).
+    (`no_sync` on every micro-batch but the last). `autocast`: run forward and backward in
+    that dtype (float32 master weights, gradients and optimizer state).
     """
     device = micro_batches[0]["labels"].device
     counts = torch.tensor(
@@ -170,7 +193,8 @@ def train_step(
         sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            loss = labelled_loss_sum(model, inputs, batch["labels"])
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                loss = labelled_loss_sum(model, inputs, batch["labels"]).float()
             (loss * scale).backward()
         loss_sum += loss.detach()
     grad_norm = _clip(model, max_grad_norm)
