@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT
 from frontier import _cfg, _link, ask_all
 
+from kore_ray.run_dir import RunDir
+
 SETTINGS = {"templates": [], "extractive": ["extractive"], "self": ["self"],
             "extractive+self": ["self", "extractive"]}
 
@@ -41,12 +43,12 @@ def main() -> None:
 
     from kore_ray.augment import run_augment
     from kore_ray.config import load_config
-    from kore_ray.constraint.distributed import run_covariance
-    from kore_ray.constraint.stage import run_init
+    from kore_ray.constraint.covariance_stage import run_covariance
+    from kore_ray.constraint.init_stage import run_init
     from kore_ray.data.io import read_records
     from kore_ray.data.schemas import EvalQuestion, KnowledgeItem, RetentionProbe
     from kore_ray.evaluate.score import score_all
-    from kore_ray.train.trainer import run_train
+    from kore_ray.train.train_stage import run_train
 
     root = Path(args.run_dir)
     data = Path(args.data)
@@ -59,14 +61,14 @@ def main() -> None:
     for name, generators in SETTINGS.items():
         print(f"\naugment_quality: {name}", flush=True)
         sub = root / "settings" / name
-        _link(root / "covariance", sub / "covariance")
+        _link(RunDir(root).covariance, RunDir(sub).covariance)
         (root / "self-cache").mkdir(parents=True, exist_ok=True)
-        _link(root / "self-cache", sub / "augmented" / "cache")  # one self generation for all
+        _link(root / "self-cache", RunDir(sub).augment_cache)  # one self generation for all
         scfg = _cfg(cfg.for_method("kore"), run_dir=str(sub), **{"augment.generators": generators})
         summaries[name] = run_augment(scfg)
         run_init(scfg, "kore")
         run_train(scfg, "kore")
-        _link(sub / "adapter" / "kore", root / "adapters" / name)
+        _link(RunDir(sub).adapter("kore"), root / "adapters" / name)
     base = cfg.serve.served_model_name or cfg.model.name_or_path
     predictions = ask_all(cfg, root, [base, *SETTINGS])
     scores = score_all(predictions, base, {n: n for n in SETTINGS},

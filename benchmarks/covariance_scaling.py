@@ -41,7 +41,7 @@ import torch
 
 from kore_ray.config import CovarianceConfig
 from kore_ray.constraint.covariance import collect_covariance
-from kore_ray.constraint.distributed import (
+from kore_ray.constraint.covariance_stage import (
     CovarianceWorker,
     Tokenize,
     batch_table,

@@ -33,6 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT
 
+from kore_ray.run_dir import RunDir
+
 # (method, rank, learning rates). LoRA's rank is KORE's at that rank (equal trainable count).
 GRID = [
     ("kore", 64, [2e-3, 5e-3]),
@@ -74,18 +76,20 @@ def _cfg(cfg, **changes):
 
 def train_point(cfg, root: Path, p: Point) -> list[tuple[str, int]]:
     """Train one point (skipped when done); export its checkpoints; return (adapter, step)s."""
-    from kore_ray.constraint.stage import run_init
-    from kore_ray.train.trainer import checkpoints, export_checkpoint, run_train
+    from kore_ray.constraint.init_stage import run_init
+    from kore_ray.train.export_stage import checkpoints, export_checkpoint
+    from kore_ray.train.train_stage import run_train
 
     steps = cfg.train.max_steps
     init_root = root / "inits" / f"{p.method}-r{p.rank}"  # an init is shared by every lr
     point_dir = root / "points" / p.name
-    for d in (init_root, point_dir):
-        for shared in ("augmented", "covariance"):
-            _link(root / shared, d / shared)
+    shared = RunDir(root)
+    for d in (RunDir(init_root), RunDir(point_dir)):
+        _link(shared.augmented, d.augmented)
+        _link(shared.covariance, d.covariance)
     mcfg = _cfg(cfg.for_method(p.method), run_dir=str(init_root), **{"init.rank": p.rank})
     run_init(mcfg, p.method)
-    _link(init_root / "init" / p.method, point_dir / "init" / p.method)
+    _link(RunDir(init_root).init(p.method), RunDir(point_dir).init(p.method))
     pcfg = _cfg(mcfg, run_dir=str(point_dir), **{
         "train.learning_rate": p.lr, "train.checkpoint_every": max(1, steps // 3),
         "train.keep_checkpoints": 3})
@@ -104,8 +108,8 @@ def ask_all(cfg, root: Path, names: list[str]) -> dict:
     from kore_ray.data.io import read_records
     from kore_ray.data.schemas import EvalQuestion, RetentionProbe
     from kore_ray.evaluate.ask import ask
-    from kore_ray.evaluate.stage import build_requests
-    from kore_ray.serve.server import serving
+    from kore_ray.evaluate.evaluate_stage import build_requests
+    from kore_ray.serve.serve_stage import serving
 
     cache = root / "predictions.jsonl"
     rows = [json.loads(line) for line in cache.read_text().splitlines()] if cache.exists() else []
@@ -179,7 +183,7 @@ def main() -> None:
 
     from kore_ray.augment import run_augment
     from kore_ray.config import load_config
-    from kore_ray.constraint.distributed import run_covariance
+    from kore_ray.constraint.covariance_stage import run_covariance
     from kore_ray.data.io import read_records
     from kore_ray.data.schemas import EvalQuestion, KnowledgeItem, RetentionProbe
     from kore_ray.evaluate.score import score_all

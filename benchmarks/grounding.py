@@ -56,7 +56,7 @@ def main() -> None:
         from kore_ray.augment.self_qa import answer_prompt, round_trip_agrees
         from kore_ray.config import load_config
         from kore_ray.evaluate.ask import ask
-        from kore_ray.serve.server import serving
+        from kore_ray.serve.serve_stage import serving
 
         cfg = load_config(args.config, ["run_dir=/tmp/kore-grounding-bench",
                                         "serve.adapters=/tmp/kore-grounding-bench/none"])

@@ -52,15 +52,15 @@ from kore_ray.constraint import (
     null_space_init,
 )
 from kore_ray.constraint.adapters import trainable_parameter_count
+from kore_ray.constraint.init_stage import run_init
 from kore_ray.constraint.merged import use_merged_forward
-from kore_ray.constraint.stage import run_init
 from kore_ray.data.io import write_parquet
 from kore_ray.data.schemas import Conversation
 from kore_ray.data.tokenize import encode_conversation, pad_batch
 from kore_ray.models import load_model
 from kore_ray.models.gemma import embedded_gemma_path
 from kore_ray.models.targets import find_target_groups
-from kore_ray.train.data import conversations_path
+from kore_ray.run_dir import METRICS, RunDir
 from kore_ray.train.steps import build_optimizer, build_scheduler, train_step
 
 
@@ -143,7 +143,6 @@ def part2(model_dir: Path, rank: int, batch: int, steps: int) -> tuple[float, li
     import ray
 
     from kore_ray.train import run_train
-    from kore_ray.train.trainer import METRICS, train_dir
 
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
     medians = {}
@@ -152,7 +151,7 @@ def part2(model_dir: Path, rank: int, batch: int, steps: int) -> tuple[float, li
         base = [f"run_dir={tmp}", f"model.name_or_path={model_dir}", f"init.rank={rank}",
                 f"train.batch_size={batch}", f"train.max_steps={steps}", "train.max_length=256",
                 f"train.checkpoint_every={steps}"]
-        write_parquet(conversations(4 * batch), conversations_path(tmp), Conversation)
+        write_parquet(conversations(4 * batch), RunDir(tmp).conversations, Conversation)
         run_init(load_config(overrides=base), "lora")
         for workers in (1, 2):
             log(f"part 2: run_train with {workers} worker(s)")
@@ -160,7 +159,7 @@ def part2(model_dir: Path, rank: int, batch: int, steps: int) -> tuple[float, li
                                          f"train.run_name=bench-{workers}w"])
             run_train(cfg, "lora", progress=False)
             metrics = [json.loads(line)
-                       for line in (train_dir(tmp, "lora") / METRICS).read_text().splitlines()]
+                       for line in (RunDir(tmp).train("lora") / METRICS).read_text().splitlines()]
             medians[workers] = {k: statistics.median(m[k] for m in metrics[1:])
                                 for k in ("cpu_s", "step_s")}
             lines.append(f"{workers:<8}{1:>13}{medians[workers]['cpu_s']:>14.3f}"

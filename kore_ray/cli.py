@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import get_args
 
-from kore_ray.config import Method
 from kore_ray.errors import KoreError
-
-METHODS = get_args(Method)
+from kore_ray.methods import METHODS
 
 STAGES = {
     "augment": "Turn knowledge items into training conversations (KORE-AUGMENTATION).",
@@ -41,14 +38,14 @@ def _augment(args) -> int:
 
 
 def _covariance(args) -> int:
-    from kore_ray.constraint.distributed import run_covariance
+    from kore_ray.constraint.covariance_stage import run_covariance
 
     run_covariance(_config(args), add_to=args.add_to, force=args.force)
     return 0
 
 
 def _init(args) -> int:
-    from kore_ray.constraint.stage import run_init
+    from kore_ray.constraint.init_stage import run_init
 
     cfg = _config(args)
     for method in args.method or [cfg.init.method]:
@@ -57,7 +54,7 @@ def _init(args) -> int:
 
 
 def _train(args) -> int:
-    from kore_ray.train.trainer import run_train
+    from kore_ray.train.train_stage import run_train
 
     cfg = _config(args)
     for method in args.method or [cfg.init.method]:
@@ -66,7 +63,7 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
-    from kore_ray.train.trainer import run_export
+    from kore_ray.train.export_stage import run_export
 
     cfg = _config(args)
     methods = args.method or [cfg.init.method]
@@ -78,14 +75,14 @@ def _export(args) -> int:
 
 
 def _serve(args) -> int:
-    from kore_ray.serve.server import run_serve
+    from kore_ray.serve.serve_stage import run_serve
 
     run_serve(_config(args), blocking=True)
     return 0
 
 
 def _evaluate(args) -> int:
-    from kore_ray.evaluate.stage import run_evaluate
+    from kore_ray.evaluate.evaluate_stage import run_evaluate
 
     run_evaluate(_config(args), args.method, base_url=args.base_url)
     return 0

@@ -6,14 +6,30 @@ Defaults run on a laptop: the embedded Gemma 3 270M, a local Ray, CPU only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from kore_ray.errors import InputError
+from kore_ray.methods import METHODS
 
-Method = Literal["kore", "kore-v1", "lora", "corda", "full"]
+
+def _known_method(name: str) -> str:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    return name
+
+
+Method = Annotated[str, AfterValidator(_known_method)]  # a name in kore_ray.methods.METHODS
 Generator = Literal["endpoint", "self", "extractive"]
 
 
@@ -187,6 +203,21 @@ class PipelineConfig(_Section):
                              "supported; use a path every node mounts (NFS, EFS, ...)")
         return self
 
+    @model_validator(mode="after")
+    def _servable_exports(self):
+        """An export the server cannot load is refused now, not after training."""
+        for name in dict.fromkeys([self.init.method, *self.evaluate.methods]):
+            own = self.methods.get(name, {})  # its overrides (not for_method: that validates)
+            init = {**self.init.model_dump(), **own.get("init", {})}
+            limit = own.get("serve", {}).get("max_lora_rank", self.serve.max_lora_rank)
+            rank = METHODS[name].export_rank(max([init["rank"], *init["ranks"].values()]))
+            if rank is not None and rank > limit:
+                raise ValueError(
+                    f"{name} exports rank {rank} at init.rank {init['rank']}, above "
+                    f"serve.max_lora_rank {limit}: raise serve.max_lora_rank (vLLM's values: "
+                    "8-512) or lower the rank")
+        return self
+
     def for_method(self, method: str) -> PipelineConfig:
         """This config with `methods[method]`'s overrides applied (and validated)."""
         overrides = self.methods.get(method)
@@ -243,5 +274,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Pi
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:
         where = path or "config"
-        lines = [f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        lines = [": ".join([str(where), *filter(None, [".".join(map(str, err["loc"]))]), err["msg"]])
+                 for err in e.errors()]
         raise InputError("invalid config:\n  " + "\n  ".join(lines)) from e

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kore_ray.config import load_config
 from kore_ray.errors import InputError
+from kore_ray.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -35,7 +36,7 @@ def run_demo(config_path=None, overrides=()) -> int:
         raise InputError(f"demo config not found: {path} (run from a checkout of kore-ray, or pass --config)")
     cfg = load_config(path, [*_repo_paths(path), *overrides])
     results = run_inject(cfg)
-    report = Path(cfg.run_dir) / "eval" / "report.md"
+    report = RunDir(cfg.run_dir).report
     base = results["base"]
     print(f"\nkore demo: {len(results['methods'])} methods, "
           f"{base['counts']['retention_known']} known facts measured for retention.")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 
 from kore_ray.config import PipelineConfig
-from kore_ray.constraint.stage import NEEDS_STORE, run_init
+from kore_ray.constraint.init_stage import run_init
+from kore_ray.methods import METHODS
 
 
 def _stage(name: str):
@@ -21,16 +22,16 @@ def _stage(name: str):
 def run_inject(cfg: PipelineConfig, methods: list[str] | None = None, progress: bool = True) -> dict:
     """Run every stage for `methods` (default cfg.evaluate.methods); return the evaluation results."""
     from kore_ray.augment import run_augment
-    from kore_ray.constraint.distributed import run_covariance
-    from kore_ray.evaluate.stage import run_evaluate
-    from kore_ray.train.trainer import run_train
+    from kore_ray.constraint.covariance_stage import run_covariance
+    from kore_ray.evaluate.evaluate_stage import run_evaluate
+    from kore_ray.train.train_stage import run_train
 
     methods = list(methods or cfg.evaluate.methods)
     timings = {}
     start = _stage("augment")
     run_augment(cfg, progress=progress)
     timings["augment"] = time.perf_counter() - start
-    if any(m in NEEDS_STORE for m in methods):
+    if any(METHODS[m].needs_store for m in methods):
         start = _stage("covariance")
         run_covariance(cfg, progress=progress)
         timings["covariance"] = time.perf_counter() - start

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kore_ray.constraint import (
@@ -202,7 +202,7 @@ def test_per_group_ranks(setup, data, tmp_path):
         build_method(_base(), "kore", groups, store, rank={groups[0].key: 4})
 
 
-def test_baselines_share_the_interface(setup, data):
+def test_baselines_share_the_interface(setup, data, tmp_path):
     groups, store, reference = setup
     full = build_method(_base(), "full", groups)
     assert trainable_parameter_count(full) == sum(p.numel() for p in full.parameters())
@@ -222,8 +222,13 @@ def test_baselines_share_the_interface(setup, data):
         return (torch.trace(a @ c @ a.T) / (a * a).sum()).item()
 
     assert seen(corda) < 0.01 * seen(lora)
-    with pytest.raises(InputError, match="cannot export a LoRA initialised with 'corda'"):
-        export_lora(corda, "/nonexistent/never-written", "tiny-llama")
+    # CorDA's rewritten base is recorded as factors (W_res = W - B0 A0): it exports for the
+    # unmodified base, like KORE; a PEFT init that rewrote the base unrecorded is refused.
+    untrained = PeftModel.from_pretrained(_base(), export_lora(corda, tmp_path / "corda", "tiny"))
+    assert _max_diff(_logits(untrained, data["retention"]), reference) < 1e-4
+    raw = get_peft_model(_base(), LoraConfig(r=RANK, target_modules=["q_proj"], init_lora_weights="pissa"))
+    with pytest.raises(InputError, match="cannot export a LoRA initialised with 'pissa'"):
+        export_lora(raw, "/nonexistent/never-written", "tiny-llama")
     with pytest.raises(InputError, match="unknown method 'dora'"):
         build_method(_base(), "dora", groups, store)
     with pytest.raises(InputError, match="needs a covariance store"):

@@ -2,7 +2,13 @@
 
 import pytest
 
-from kore_ray.augment.extractive import extractive_pairs, fronted_question, past_lemma, resolve, topic_of
+from kore_ray.augment.extractive import (
+    extractive_pairs,
+    fronted_question,
+    past_lemma,
+    resolve,
+    topic_of,
+)
 from kore_ray.augment.grounding import check_pair
 from kore_ray.augment.spans import fact_spans, sentences
 from kore_ray.data.schemas import KnowledgeItem

@@ -67,7 +67,7 @@ def _config(tmp_path, generators=("self",)):
 @pytest.fixture
 def stub_serving(monkeypatch):
     """`serving` yields a scripted server instead of starting vLLM; counts its starts."""
-    import kore_ray.serve.server as server
+    import kore_ray.serve.serve_stage as server
 
     starts = []
     with OpenAIStub(responder=responder) as stub:

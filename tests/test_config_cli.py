@@ -40,6 +40,11 @@ def test_overrides_are_typed():
         ("- a\n- b\n", "mapping"),
         ("train: [unclosed\n", "not valid YAML"),
         ("run_dir: s3://bucket/runs\n", "object-store run directories are not supported"),
+        # CorDA trains A beside its subtracted init: rank 2 x 64 does not fit a rank-64 server.
+        ("serve:\n  max_lora_rank: 64\nevaluate:\n  methods: [kore, corda]\n",
+         "corda exports rank 128 at init.rank 64, above serve.max_lora_rank 64"),
+        ("serve:\n  max_lora_rank: 64\nmethods:\n  kore:\n    init: {rank: 128}\n",
+         "kore exports rank 128"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, yaml_text, match):

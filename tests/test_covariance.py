@@ -9,10 +9,11 @@ from torch import nn
 
 from kore_ray.constraint import store as store_mod
 from kore_ray.constraint.covariance import CovarianceAccumulator, collect_covariance
-from kore_ray.constraint.store import load_store, merge_stores, model_fingerprint, save_store
+from kore_ray.constraint.store import load_store, merge_stores, save_store
 from kore_ray.errors import InputError
 from kore_ray.models.targets import TargetGroup, find_target_groups
 from kore_ray.models.tiny import IMAGE_TOKEN, tiny_text_model, tiny_vlm
+from kore_ray.run_dir import model_fingerprint
 
 TEXTS = [
     "The capital of France is Paris.",
@@ -300,7 +301,7 @@ def test_unknown_normalisation_is_refused():
 
 def test_fingerprint_of_a_tensor_wider_than_float32_can_index():
     """Gemma's 262k x 640 embedding has more than 2^24 elements; sampling must stay in bounds."""
-    from kore_ray.constraint.store import model_fingerprint
+    from kore_ray.run_dir import model_fingerprint
 
     big = torch.nn.Embedding(2**24 + 3, 1)
     first = model_fingerprint(big)

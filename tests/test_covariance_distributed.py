@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from kore_ray.config import load_config
-from kore_ray.constraint import distributed
+from kore_ray.constraint import covariance_stage as distributed
 from kore_ray.constraint.covariance import collect_covariance
-from kore_ray.constraint.distributed import run_covariance
+from kore_ray.constraint.covariance_stage import run_covariance
 from kore_ray.constraint.retention import (
     plan_batches,
     read_retention,

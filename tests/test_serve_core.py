@@ -131,7 +131,7 @@ def test_bearer_auth():
 
 
 def test_replica_args_resolve_paths_and_read_the_token_here(tmp_path, monkeypatch):
-    from kore_ray.serve.server import base_url, replica_args
+    from kore_ray.serve.serve_stage import base_url, replica_args
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(overrides=["run_dir=runs/x", "serve.auth_token_env=KORE_TEST_TOKEN",

@@ -1,15 +1,19 @@
 """`kore init` on a run directory: every method saves, reloads on the unmodified base, skips when done."""
 
+import json
+
 import pytest
 import torch
 
 from kore_ray.config import load_config
 from kore_ray.constraint import collect_covariance, save_store
-from kore_ray.constraint.stage import covariance_dir, export_trained, load_trainable, run_init
+from kore_ray.constraint.init_stage import load_trainable, run_init
 from kore_ray.errors import InputError
 from kore_ray.models import load_model
 from kore_ray.models.targets import find_target_groups
 from kore_ray.models.tiny import save_tiny_model
+from kore_ray.run_dir import RunDir
+from kore_ray.train.export_stage import export_trained
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +24,14 @@ def run(tmp_path_factory):
     model, _ = load_model(model_dir)
     gen = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(4, 200, (4, 64), generator=gen)} for _ in range(4)]
-    save_store(covariance_dir(cfg.run_dir), collect_covariance(model, batches, find_target_groups(model)))
+    save_store(RunDir(cfg.run_dir).covariance, collect_covariance(model, batches, find_target_groups(model)))
     probe = torch.randint(4, 200, (2, 16), generator=gen)
     with torch.no_grad():
         ref = model(input_ids=probe).logits
     return cfg, probe, ref
 
 
-@pytest.mark.parametrize("method", ["kore", "kore-v1", "lora", "corda", "full"])
+@pytest.mark.parametrize("method", ["kore", "kore-v1", "lora", "corda", "pissa", "full"])
 def test_init_reloads_to_the_base_model(run, method, capsys):
     cfg, probe, ref = run
     out = run_init(cfg, method)
@@ -39,7 +43,7 @@ def test_init_reloads_to_the_base_model(run, method, capsys):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if method == "kore":
         assert trainable and all("lora_B" in n for n in trainable)
-    elif method in ("kore-v1", "corda", "lora"):
+    elif method in ("kore-v1", "corda", "pissa", "lora"):
         assert any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
     else:
         assert len(trainable) == len(list(model.parameters()))
@@ -71,8 +75,8 @@ def test_unknown_rank_group_is_refused(run):
         run_init(bad, "kore", force=True)
 
 
-@pytest.mark.parametrize("method", ["kore", "corda", "lora"])
-def test_trained_model_exports_to_the_unmodified_base(run, method, tmp_path):
+@pytest.mark.parametrize("method,rank", [("kore", 8), ("corda", 16), ("pissa", 16), ("lora", None)])
+def test_trained_model_exports_to_the_unmodified_base(run, method, rank, tmp_path):
     """After training moves A and B, base + exported LoRA computes what the trained model does."""
     from peft import PeftModel
 
@@ -90,3 +94,9 @@ def test_trained_model_exports_to_the_unmodified_base(run, method, tmp_path):
     with torch.no_grad():
         served = PeftModel.from_pretrained(fresh, out)(input_ids=probe).logits
     assert (served - trained).abs().max() < 1e-4
+    # The manifest says what the server must allow: A trained beside a subtracted A0 is 2r.
+    manifest = json.loads((out / "manifest.json").read_text())
+    if rank is None:  # LoRA at KORE's trainable count: below KORE's rank, per group
+        assert 1 <= manifest["exported_rank"]["min"] <= manifest["exported_rank"]["max"] < 8
+    else:
+        assert manifest["exported_rank"] == {"min": rank, "max": rank}

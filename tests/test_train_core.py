@@ -37,9 +37,9 @@ from kore_ray.train.data import (
 from kore_ray.train.loop import MetricsLog, fsdp_kwargs
 from kore_ray.train.steps import (
     assistant_loss_sum,
-    labelled_loss_sum,
     build_optimizer,
     build_scheduler,
+    labelled_loss_sum,
     loss_positions,
     loss_token_count,
     lr_factor,

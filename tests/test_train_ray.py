@@ -18,24 +18,17 @@ from safetensors.torch import load_file
 
 from kore_ray.config import load_config
 from kore_ray.constraint import collect_covariance, save_store
-from kore_ray.constraint.stage import covariance_dir, init_dir, load_trainable, run_init
+from kore_ray.constraint.init_stage import load_trainable, run_init
 from kore_ray.data.io import write_parquet
 from kore_ray.data.schemas import Conversation
 from kore_ray.errors import InputError
 from kore_ray.models import load_model
 from kore_ray.models.targets import find_target_groups
 from kore_ray.models.tiny import save_tiny_model
+from kore_ray.run_dir import METRICS, RunDir
 from kore_ray.train import run_train
 from kore_ray.train.checkpoint import load_weights, read_weights
-from kore_ray.train.data import conversations_path
-from kore_ray.train.trainer import (
-    METRICS,
-    checkpoints,
-    checkpoints_dir,
-    run_export,
-    run_name,
-    train_dir,
-)
+from kore_ray.train.export_stage import checkpoints, run_export
 
 pytestmark = pytest.mark.ray
 STEPS = 6
@@ -70,8 +63,8 @@ def make_run(tmp_path_factory):
             f"run_dir={root / name}", f"model.name_or_path={model_dir}", "init.rank=8",
             *(f"train.{k}={v}" for k, v in overrides.items()),
         ])
-        save_store(covariance_dir(cfg.run_dir), store)
-        write_parquet(_conversations(), conversations_path(cfg.run_dir), Conversation)
+        save_store(RunDir(cfg.run_dir).covariance, store)
+        write_parquet(_conversations(), RunDir(cfg.run_dir).conversations, Conversation)
         run_init(cfg, "kore")
         return cfg
 
@@ -79,7 +72,7 @@ def make_run(tmp_path_factory):
 
 
 def _metrics(cfg) -> list[dict]:
-    path = train_dir(cfg.run_dir, "kore") / METRICS
+    path = RunDir(cfg.run_dir).train("kore") / METRICS
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -114,17 +107,17 @@ def test_two_workers_follow_the_one_worker_loss_curve(one_worker, two_workers):
 
 def test_kore_trains_b_only_and_exports_a_plain_lora(one_worker):
     cfg, adapter = one_worker
-    checkpoint = checkpoints_dir(cfg.run_dir) / run_name(cfg, "kore") / f"step_{STEPS:06d}"
+    checkpoint = RunDir(cfg.run_dir).checkpoint_run("kore") / f"step_{STEPS:06d}"
     weights = read_weights(checkpoint)
     assert weights and all(".lora_B." in name for name in weights)  # adapter weights, B only
 
-    init = load_trainable(load_model(cfg.model.name_or_path)[0], init_dir(cfg.run_dir, "kore"))
+    init = load_trainable(load_model(cfg.model.name_or_path)[0], RunDir(cfg.run_dir).init("kore"))
     init_a = {n: p.detach().clone() for n, p in init.named_parameters() if ".lora_A." in n}
     exported = load_file(str(adapter / "adapter_model.safetensors"))
     for name, a0 in init_a.items():
         assert torch.equal(exported[name.replace(".default", "")], a0)  # bit-identical, rank r
 
-    trained = load_trainable(load_model(cfg.model.name_or_path)[0], init_dir(cfg.run_dir, "kore"))
+    trained = load_trainable(load_model(cfg.model.name_or_path)[0], RunDir(cfg.run_dir).init("kore"))
     load_weights(trained, weights)
     served = PeftModel.from_pretrained(load_model(cfg.model.name_or_path)[0], adapter)
     base, _ = load_model(cfg.model.name_or_path)
@@ -140,7 +133,7 @@ def _die_at(cfg, step: int, rank: int, marker: Path):
     """after_step hook: at `step` on `rank`, once, wait until Ray Train has RECORDED the
     checkpoint of step - 1 (its controller polls workers every 2 s; a worker that dies sooner
     resumes from the checkpoint before), write the time into `marker`, and exit the process."""
-    snapshot = (checkpoints_dir(cfg.run_dir).resolve() / run_name(cfg, "kore")
+    snapshot = (RunDir(cfg.run_dir).checkpoint_run("kore").resolve()
                 / "checkpoint_manager_snapshot.json")
     wanted = f"step_{step - 1:06d}"
 
@@ -191,7 +184,7 @@ def test_a_restarted_driver_continues_without_redoing_steps(
 def test_a_finished_run_is_skipped_and_kore_export_rewrites_its_adapter(one_worker):
     cfg, adapter = one_worker
     trained = load_file(str(adapter / "adapter_model.safetensors"))
-    metrics = train_dir(cfg.run_dir, "kore") / METRICS
+    metrics = RunDir(cfg.run_dir).train("kore") / METRICS
     stamp = metrics.stat().st_mtime_ns
     assert run_train(cfg, "kore", progress=False) == adapter  # up to date: no training
     assert metrics.stat().st_mtime_ns == stamp
@@ -243,10 +236,10 @@ def test_a_vision_language_model_trains_on_images(ray_local, tmp_path):
                 {"role": "assistant", "content": f"It is {color}."},
             ],
         ))
-    write_parquet(conversations, conversations_path(cfg.run_dir), Conversation)
+    write_parquet(conversations, RunDir(cfg.run_dir).conversations, Conversation)
     run_init(cfg, "lora")
     adapter = run_train(cfg, "lora", progress=False)
     losses = [json.loads(line)["loss"]
-              for line in (train_dir(cfg.run_dir, "lora") / METRICS).read_text().splitlines()]
+              for line in (RunDir(cfg.run_dir).train("lora") / METRICS).read_text().splitlines()]
     assert len(losses) == 5 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
     assert (adapter / "adapter_model.safetensors").is_file()

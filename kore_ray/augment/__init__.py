@@ -4,6 +4,6 @@
 `templates`, `llm` and `dedup` are its functional core, `pipeline` the Ray Data shell.
 """
 
-from kore_ray.augment.pipeline import run_augment
+from kore_ray.augment.augment_stage import run_augment
 
 __all__ = ["run_augment"]

@@ -92,7 +92,7 @@ def expected_kind(question: str) -> str | None:
         return "number"
     # "when", "who", "where" ask only when they lead the question or end it ("born where?"):
     # inside it they join clauses ("the company formed when X merged").
-    asks = rf"^(?:\W*\w+\s+)?(?:{{0}})\b|\b(?:{{0}})\W*$"
+    asks = r"^(?:\W*\w+\s+)?(?:{0})\b|\b(?:{0})\W*$"
     if re.search(r"\b(?:what|which) (?:year|date|month|day)\b", q) or re.search(asks.format("when"), q):
         return "time"
     if re.search(asks.format("who|whom|whose|where"), q):

@@ -1,10 +1,11 @@
 """KORE-CONSTRAINT, the functional core: covariance, null-space init, PEFT adapters, export.
 
 Plain torch + PEFT, no Ray: the Ray shell streams batches and reduces stores built here.
+(The stages, which read and write the run directory, are `covariance_stage` and
+`init_stage`; the covariance stage is the one that uses Ray.)
 """
 
 from kore_ray.constraint.adapters import (
-    METHODS,
     KoreInit,
     apply_kore,
     build_method,
@@ -22,12 +23,11 @@ from kore_ray.constraint.store import (
     CovarianceStore,
     load_store,
     merge_stores,
-    model_fingerprint,
     save_store,
 )
+from kore_ray.run_dir import model_fingerprint
 
 __all__ = [
-    "METHODS",
     "NORMALIZATIONS",
     "CovarianceAccumulator",
     "CovarianceStore",

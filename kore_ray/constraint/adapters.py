@@ -19,9 +19,9 @@ format with a minimal adapter_config.json that vLLM's multi-LoRA accepts.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,17 +30,16 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from peft.tuners.lora.config import CordaConfig
-from peft.tuners.lora.corda import preprocess_corda
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kore_ray.constraint.merged import use_merged_forward
 from kore_ray.constraint.nullspace import null_space, null_space_init, residual
-from kore_ray.constraint.store import MANIFEST, CovarianceStore, atomic_directory, model_fingerprint
+from kore_ray.constraint.store import CovarianceStore
 from kore_ray.errors import InputError, ModelError
+from kore_ray.methods import method as lookup
+from kore_ray.run_dir import MANIFEST, atomic_directory, model_fingerprint
 
-METHODS = ("kore", "kore-v1", "lora", "corda", "full")
 ADAPTER = "default"
 KORE_INIT = "kore_init.safetensors"
 FORMAT_VERSION = 1
@@ -225,8 +224,8 @@ def load_kore_model(
     peft_model = PeftModel.from_pretrained(base_model, directory, is_trainable=is_trainable)
     for name, layer in _lora_layers(peft_model):
         _residualise(layer, factors[f"{name}.A0"], factors[f"{name}.B0"])
-        # KORE freezes A at A0; kore-v1 and CorDA (saved this way by the init stage) train it.
-        layer.lora_A[ADAPTER].weight.requires_grad_(is_trainable and meta["method"] != "kore")
+        # KORE freezes A at A0; kore-v1, CorDA and PiSSA (saved this way) train it.
+        layer.lora_A[ADAPTER].weight.requires_grad_(is_trainable and lookup(meta["method"]).trains_a)
     use_merged_forward(peft_model)
     peft_model.kore_meta = {k: meta[k] for k in ("method", "model_fingerprint", "leaks")}
     return peft_model
@@ -292,6 +291,9 @@ def export_lora(
         "method": meta["method"],
         "model_fingerprint": meta.get("model_fingerprint"),
         "base_model_name_or_path": str(base_model_name_or_path),
+        # What the server must allow (serve.max_lora_rank >= max); modules differ for matched
+        # per-group LoRA ranks.
+        "exported_rank": {"min": min(ranks.values()), "max": max(ranks.values())},
     }
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -319,28 +321,16 @@ def matched_lora_rank(model: nn.Module, groups: Sequence, kore_rank: int) -> int
     return max(1, round(kore / sum(d_out + d_in for d_out, d_in in shapes)))
 
 
-def _corda_model(model: nn.Module, store: CovarianceStore, groups: Sequence, rank: Rank):
-    """PEFT's CorDA in knowledge-preserved mode, fed with OUR covariance.
-
-    PEFT's preprocess_corda reads `covariance_file` ({module name: covariance}) when it
-    exists instead of running its own data pass, so the same retention covariance
-    serves KORE and CorDA. CorDA's covariance is a mean over forward passes; the
-    store's sum over samples is divided by its sample count to match (exactly PEFT's
-    when batches hold one sample and normalize="sample_max").
-    """
-    _check_store(model, store, groups, "corda")
-    module_ranks = _module_ranks(groups, rank)
-    with tempfile.TemporaryDirectory(prefix="kore-corda-") as tmp:
-        cov_file = os.path.join(tmp, "covariance.pt")
-        samples = max(store.samples, 1)
-        torch.save({m: store.sums[g.key] / samples for g in groups for m in g.modules}, cov_file)
-        config = _lora_config(
-            module_ranks,
-            init_lora_weights="corda",
-            corda_config=CordaConfig(covariance_file=cov_file, corda_method="kpm"),
-        )
-        preprocess_corda(model, config)
-        return get_peft_model(model, config)
+def capture_factors(peft_model: PeftModel, method: str, fingerprint: str) -> PeftModel:
+    """Record an init that rewrote the base (CorDA, PiSSA) as KORE-style factors, so it saves,
+    reloads and exports like KORE: W_res = W - B0 A0, trained layer W + B A - B0 A0."""
+    for _, layer in _lora_layers(peft_model):
+        layer.register_buffer("kore_A0", layer.lora_A[ADAPTER].weight.detach().clone(), persistent=False)
+        layer.register_buffer("kore_B0", layer.lora_B[ADAPTER].weight.detach().clone(), persistent=False)
+    config = peft_model.peft_config[ADAPTER]
+    config.init_lora_weights, config.corda_config = True, None  # a reload must not re-run it
+    peft_model.kore_meta = {"method": method, "model_fingerprint": fingerprint, "leaks": {}}
+    return peft_model
 
 
 def build_method(
@@ -352,30 +342,14 @@ def build_method(
     rank: Rank = 16,
     match_kore: bool = False,
 ) -> nn.Module:
-    """The model to train for `method` (modified in place), on the modules of `groups`.
+    """The model to train for `method` (modified in place), on the modules of `groups`: the
+    one dispatch, through the method table to the method's module in constraint/inits/.
 
-    kore / kore-v1: null-space adapter from `store` (B trained; A too for kore-v1).
-    lora: PEFT's default init (A random, B zero); with match_kore=True, `rank` is a
-      KORE rank and LoRA gets the rank with the same trainable-parameter count.
-    corda: PEFT's CorDA, knowledge-preserved mode ("kpm"), from `store`.
-    full: no adapter, every parameter trainable.
-    All adapters use scaling 1 and no dropout.
+    rank: one rank or a per-group mapping; with match_kore=True a matched-rank method (LoRA)
+    reads it as a KORE rank. All adapters use scaling 1 and no dropout.
     """
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    if method in ("kore", "kore-v1"):
-        init = kore_init(model, store, groups, rank)
-        return apply_kore(model, init, train_a=method == "kore-v1")
-    if method == "corda":
-        return _corda_model(model, store, groups, rank)
-    if method == "lora":
-        if match_kore and isinstance(rank, Mapping):  # per group, like the KORE ranks
-            rank = {g.key: matched_lora_rank(model, [g], rank[g.key]) for g in groups}
-        elif match_kore:  # one rank overall, as in the KORE paper's comparison
-            rank = matched_lora_rank(model, groups, rank)
-        return get_peft_model(
-            model, _lora_config(_module_ranks(groups, rank), init_lora_weights=True)
-        )
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
+    spec = lookup(method)
+    if spec.needs_store and store is None:
+        raise InputError(f"method {method!r} needs a covariance store")
+    init = importlib.import_module(f"kore_ray.constraint.inits.{spec.init}")
+    return init.build(model, spec, groups, store, rank, match_kore=match_kore)

@@ -23,8 +23,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from kore_ray.constraint.store import NORMALIZATIONS, CovarianceStore, model_fingerprint
+from kore_ray.constraint.store import NORMALIZATIONS, CovarianceStore
 from kore_ray.errors import InputError, ModelError
+from kore_ray.run_dir import model_fingerprint
 
 
 class CovarianceAccumulator:

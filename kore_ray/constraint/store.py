@@ -13,80 +13,21 @@ temporary directory and renamed into place: a crash leaves no half-written store
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from kore_ray.errors import InputError
+from kore_ray.run_dir import MANIFEST, atomic_directory
 
 FORMAT_VERSION = 1
 NORMALIZATIONS = ("none", "sample_max")
-MANIFEST = "manifest.json"
-
-# Config entries that name where or how a checkpoint was loaded, not what it is.
-_VOLATILE_CONFIG_KEYS = {
-    "_name_or_path",
-    "transformers_version",
-    "dtype",
-    "torch_dtype",
-    "_commit_hash",
-    "_attn_implementation",
-    "_attn_implementation_autoset",
-    "_attn_implementation_internal",
-    "use_cache",
-}
-_SAMPLES_PER_TENSOR = 64
-
-
-def _stable_config(value):
-    if isinstance(value, dict):
-        return {
-            k: _stable_config(v) for k, v in sorted(value.items()) if k not in _VOLATILE_CONFIG_KEYS
-        }
-    if isinstance(value, (list, tuple)):
-        return [_stable_config(v) for v in value]
-    return value
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A short stable hash that tells one model checkpoint from another.
-
-    Covers: the architecture config (without load-time entries such as the path,
-    dtype or attention implementation), every parameter's name and shape (so every
-    target layer's shape), and a cheap checksum of 64 evenly spaced elements of each
-    parameter, rounded to bfloat16 so a float32 and a bfloat16 copy of the same
-    checkpoint agree. It detects a different checkpoint or fine-tune, not a single
-    changed weight. Compute it on the unmodified model (not a PeftModel).
-    """
-    h = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        h.update(json.dumps(_stable_config(config.to_dict()), sort_keys=True, default=str).encode())
-    else:
-        h.update(type(model).__qualname__.encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            h.update(f"{name}:{tuple(p.shape)};".encode())
-            flat = p.detach().reshape(-1)
-            if flat.numel() == 0:
-                continue
-            # Integer spacing: a float32 linspace rounds past the end beyond 2^24 elements.
-            idx = torch.arange(_SAMPLES_PER_TENSOR, device=flat.device) * (flat.numel() - 1)
-            sample = flat[idx // (_SAMPLES_PER_TENSOR - 1)].to(torch.bfloat16).view(torch.int16).cpu()
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
 
 @dataclass
 class CovarianceStore:
@@ -168,35 +109,6 @@ def merge_stores(stores: Iterable[CovarianceStore]) -> CovarianceStore:
 
 def _file_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", key) + ".safetensors"
-
-
-@contextmanager
-def atomic_directory(directory: str | os.PathLike):
-    """Yield a temporary directory that replaces `directory` only if the block succeeds.
-
-    An existing `directory` is replaced only if it is empty or holds a manifest.json
-    (a previous artifact), never an unrelated folder.
-    """
-    target = Path(directory)
-    if (
-        target.exists()
-        and not (target / MANIFEST).is_file()
-        and (not target.is_dir() or any(target.iterdir()))
-    ):
-        raise InputError(f"{target} exists and is not a kore-ray artifact; refusing to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp.", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_store(directory: str | os.PathLike, store: CovarianceStore) -> Path:

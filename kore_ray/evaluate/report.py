@@ -7,13 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+from kore_ray.run_dir import RunDir, atomic_write
 
 
 def plot(results: dict, path: Path) -> Path:
@@ -79,15 +73,20 @@ def markdown(results: dict, answers: list[dict] | None = None) -> str:
         by_group.append(f"| {name} | " + " | ".join(
             f"{g.get(k, {}).get('cem', 0):.3f} | {g.get(k, {}).get('f1', 0):.3f}" for k in groups) + " |")
     settings = results.get("settings", {})
-    training = ["| method | rank | learning rate | steps | batch |", "| --- | --- | --- | --- | --- |"]
+    training = ["| method | init rank | exported rank | learning rate | steps | batch |",
+                "| --- | --- | --- | --- | --- | --- |"]
     for name, t in settings.get("training", {}).items():
-        training.append(f"| {name} | {t['rank']} | {t['learning_rate']:g} | {t['max_steps']} | {t['batch_size']} |")
+        exported = t.get("exported_rank") or {}
+        span = "?" if not exported else str(exported["max"]) if exported["min"] == exported["max"] \
+            else f"{exported['min']}-{exported['max']}"
+        training.append(f"| {name} | {t['rank']} | {span} | {t['learning_rate']:g} | {t['max_steps']} "
+                        f"| {t['batch_size']} |")
     intro = (f"Base model: `{settings.get('model', '?')}`. Retention is measured on the "
              f"{results['base']['counts']['retention_known']} of {results['retention_probes']} probes the base "
              "model answered correctly before injection. Adaptation: EVOKE's CEM (the gold answer is contained "
              "in the answer) and token F1 on held-out paraphrased questions.")
-    training_note = ("Training settings (LoRA's rank is matched to KORE's trainable-parameter count at this "
-                     "rank; CorDA exports rank 2r):")
+    training_note = ("Training settings (LoRA's rank is matched to KORE's trainable-parameter count at the "
+                     "init rank; methods that train A beside a subtracted init export rank 2r):")
     return "\n".join([
         "# kore-ray evaluation", "", intro, "",
         *rows, "",
@@ -101,23 +100,23 @@ def markdown(results: dict, answers: list[dict] | None = None) -> str:
     ])
 
 
-def write_report(results: dict, eval_dir: str | Path, rows: list[dict] | None = None) -> dict[str, Path]:
-    """results.json, report.md, the plot and (given the answers) predictions.parquet; results.json
-    last, since a re-run trusts it as the sign that the evaluation finished."""
+def write_report(results: dict, run_dir: str | Path, rows: list[dict] | None = None) -> dict[str, Path]:
+    """The run directory's eval/: results.json, report.md, the plot and (given the answers)
+    predictions.parquet; results.json last, since a re-run trusts it as the sign that the
+    evaluation finished."""
     import io
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    eval_dir = Path(eval_dir)
-    paths = {"results": eval_dir / "results.json", "report": eval_dir / "report.md",
-             "plot": eval_dir / "adaptation_retention.png"}
+    out = RunDir(run_dir)
+    paths = {"results": out.results, "report": out.report, "plot": out.plot}
     plot(results, paths["plot"])
     if rows is not None:
-        paths["predictions"] = eval_dir / "predictions.parquet"
+        paths["predictions"] = out.predictions
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows), buffer)
-        _write_atomic(paths["predictions"], buffer.getvalue())
-    _write_atomic(paths["report"], markdown(results, rows).encode())
-    _write_atomic(paths["results"], json.dumps(results, indent=2, sort_keys=True).encode())
+        atomic_write(paths["predictions"], buffer.getvalue())
+    atomic_write(paths["report"], markdown(results, rows).encode())
+    atomic_write(paths["results"], json.dumps(results, indent=2, sort_keys=True).encode())
     return paths

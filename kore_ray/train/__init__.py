@@ -14,6 +14,6 @@ import os
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
-from kore_ray.train.trainer import run_train
+from kore_ray.train.train_stage import run_train
 
 __all__ = ["run_train"]

@@ -35,16 +35,8 @@ from kore_ray.data.schemas import Conversation
 from kore_ray.data.tokenize import IGNORE_INDEX, encode_conversation, pad_batch, render
 from kore_ray.errors import InputError
 
-CONVERSATIONS = "conversations.parquet"
 ROWS_PER_BLOCK = 256  # rows per Ray Data block (one tokenisation call)
 _UNLIMITED = 1 << 30  # VLM rows are cut to max_length after the processor expands the images
-
-
-def conversations_path(run_dir: str | Path) -> Path:
-    """What `kore augment` writes (imported here only: the augment stage pulls in its client)."""
-    from kore_ray.augment.pipeline import OUTPUT_DIR
-
-    return Path(run_dir) / OUTPUT_DIR / CONVERSATIONS
 
 
 def shard_name(rank: int) -> str:

@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
 
+from kore_ray.config import TrainConfig
+from kore_ray.constraint.init_stage import load_trainable
 from kore_ray.constraint.merged import use_merged_forward
-from kore_ray.constraint.stage import load_trainable
 from kore_ray.data.tokenize import pad_token_id
 from kore_ray.errors import ModelError
 from kore_ray.models.loading import is_vision_language, load_model
@@ -53,29 +54,17 @@ from kore_ray.train.steps import autocast_dtype, build_optimizer, build_schedule
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs, decided by the driver (trainer.run_train)."""
+    """What a worker needs: the validated train config itself, and what the driver derived."""
 
+    train: TrainConfig
     model: str
     init_dir: str
-    dtype: str
-    autocast: str  # train.autocast; each worker resolves "auto" for its own device
-    strategy: str  # "ddp" | "fsdp"
+    dtype: str  # of the base weights
     total_steps: int
     per_worker_batch: int
     micro_batch_size: int
-    max_length: int
-    learning_rate: float
-    lr_schedule: str
-    warmup_steps: int
-    weight_decay: float
-    max_grad_norm: float | None
-    activation_checkpointing: bool
-    checkpoint_every: int
     metrics_path: str
     rows_per_epoch: int  # conversations: the metrics' epoch = step * batch / this
-    global_batch: int
-    threads: int  # torch threads per worker on CPU
-    seed: int
     progress: bool
     # Called on every rank as after_step(step, rank) once a step (and its checkpoint) is done;
     # for instrumentation and fault-injection tests.
@@ -150,18 +139,18 @@ def train_loop_per_worker(config: dict) -> None:
     spec: WorkerSpec = config["spec"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.train.seed)
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(spec.threads)
+        torch.set_num_threads(spec.train.cpus_per_worker)
 
     # Straight onto the device: KORE's re-residualisation (W - B0 A0) then runs on the GPU.
     model, preprocessor = load_model(spec.model, spec.dtype, device=str(device))
     vision = is_vision_language(model.config)
     model = load_trainable(model, spec.init_dir)
-    if spec.strategy == "fsdp":  # FSDP shards W_res and B: no whole merged weight to form
+    if spec.train.strategy == "fsdp":  # FSDP shards W_res and B: no whole merged weight to form
         use_merged_forward(model, False)
-    if spec.activation_checkpointing:
+    if spec.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     checkpoint, state, start = ray.train.get_checkpoint(), None, 0
@@ -174,11 +163,11 @@ def train_loop_per_worker(config: dict) -> None:
     model.train()
     model = ray.train.torch.prepare_model(
         model,
-        parallel_strategy=spec.strategy,
-        parallel_strategy_kwargs=fsdp_kwargs(model) if spec.strategy == "fsdp" else None,
+        parallel_strategy=spec.train.strategy,
+        parallel_strategy_kwargs=fsdp_kwargs(model) if spec.train.strategy == "fsdp" else None,
     )
-    optimizer = build_optimizer(model, spec.learning_rate, spec.weight_decay)
-    scheduler = build_scheduler(optimizer, spec.total_steps, spec.warmup_steps, spec.lr_schedule)
+    optimizer = build_optimizer(model, spec.train.learning_rate, spec.train.weight_decay)
+    scheduler = build_scheduler(optimizer, spec.total_steps, spec.train.warmup_steps, spec.train.lr_schedule)
     if state is not None:
         load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -186,14 +175,14 @@ def train_loop_per_worker(config: dict) -> None:
         return
 
     log = MetricsLog(spec.metrics_path, keep_through=start) if rank == 0 else None
-    collate = Collate(preprocessor, vision, pad_token_id(preprocessor), spec.max_length,
+    collate = Collate(preprocessor, vision, pad_token_id(preprocessor), spec.train.max_length,
                       spec.micro_batch_size, skip_before=start)
     batches = ray.train.get_dataset_shard(shard_name(rank)).iter_torch_batches(
         batch_size=spec.per_worker_batch, collate_fn=collate, prefetch_batches=2
     )
     reduce = _all_reduce if world > 1 else (lambda t: t)
     dtype = getattr(torch, spec.dtype)
-    amp = autocast_dtype(spec.autocast, device)
+    amp = autocast_dtype(spec.train.autocast, device)
     if rank == 0 and spec.progress and amp is not None:
         print(f"kore train: {str(amp).removeprefix('torch.')} autocast on {device.type}", flush=True)
     every_print = max(1, spec.total_steps // 20)
@@ -206,14 +195,14 @@ def train_loop_per_worker(config: dict) -> None:
         stats = train_step(
             model, optimizer, scheduler,
             [_to_device(mb, device, dtype) for mb in batch.micro_batches],
-            world_size=world, all_reduce=reduce, max_grad_norm=spec.max_grad_norm, autocast=amp,
+            world_size=world, all_reduce=reduce, max_grad_norm=spec.train.max_grad_norm, autocast=amp,
         )
         step += 1
         now, cpu_now = time.perf_counter(), time.process_time()
         seconds, cpu_seconds, clock, cpu_clock = now - clock, cpu_now - cpu_clock, now, cpu_now
         record = {
             "step": step,
-            "epoch": round(step * spec.global_batch / spec.rows_per_epoch, 4),
+            "epoch": round(step * spec.train.batch_size / spec.rows_per_epoch, 4),
             "loss": stats.loss,
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
@@ -230,7 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
                 print(f"kore train: step {step}/{spec.total_steps} loss {stats.loss:.4f} "
                       f"lr {stats.lr:.2e} {record['tokens_per_s']:,.0f} tokens/s",
                       flush=True)
-        if step % spec.checkpoint_every == 0 or step == spec.total_steps:
+        if step % spec.train.checkpoint_every == 0 or step == spec.total_steps:
             _report(model, optimizer, scheduler, names, step, record, rank)
         if spec.after_step is not None:
             spec.after_step(step, rank)

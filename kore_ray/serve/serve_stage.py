@@ -26,6 +26,7 @@ from ray import serve
 
 from kore_ray.config import PipelineConfig, ServeConfig
 from kore_ray.errors import InputError
+from kore_ray.run_dir import RunDir
 from kore_ray.serve.adapters import AdapterError, AdapterRegistry, check_name, is_uri
 from kore_ray.serve.prompts import chat_prompt
 from kore_ray.serve.protocol import (
@@ -82,7 +83,7 @@ def replica_args(cfg: PipelineConfig) -> ReplicaArgs:
     return ReplicaArgs(
         model=absolute(cfg.model.name_or_path),
         name=s.served_model_name or cfg.model.name_or_path,
-        adapters=absolute(s.adapters or str(Path(cfg.run_dir) / "adapter")),
+        adapters=absolute(s.adapters or str(RunDir(cfg.run_dir).adapters)),
         dtype=cfg.model.dtype, serve=s, token_sha256=digest,
     )
 

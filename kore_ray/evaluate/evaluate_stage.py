@@ -13,13 +13,14 @@ import os
 from pathlib import Path
 
 from kore_ray.config import PipelineConfig
-from kore_ray.constraint.stage import adapter_dir
 from kore_ray.data.io import read_records
 from kore_ray.data.schemas import EvalQuestion, KnowledgeItem, RetentionProbe
 from kore_ray.errors import InputError
 from kore_ray.evaluate.ask import ask
 from kore_ray.evaluate.report import write_report
 from kore_ray.evaluate.score import prediction_rows, score_all
+from kore_ray.methods import METHODS
+from kore_ray.run_dir import MANIFEST, RunDir, read_record
 
 
 def _chat(question: str) -> str:
@@ -50,7 +51,8 @@ def evaluation_inputs(cfg: PipelineConfig, methods: list[str]) -> dict:
     return {
         "model": cfg.model.name_or_path,
         "max_new_tokens": cfg.evaluate.max_new_tokens,
-        "adapters": {m: _digest(adapter_dir(cfg.run_dir, m) / "adapter_model.safetensors") for m in methods},
+        "adapters": {m: _digest(RunDir(cfg.run_dir).adapter(m) / "adapter_model.safetensors")
+                     for m in methods},
         "data": {k: _digest(getattr(cfg.data, k)) for k in ("knowledge", "eval_questions", "retention_eval")},
     }
 
@@ -59,23 +61,24 @@ def run_evaluate(cfg: PipelineConfig, methods: list[str] | None = None, base_url
                  progress: bool = True) -> dict:
     """Score the base and each method; write <run_dir>/eval/. Starts the Serve app unless
     `base_url` names one already serving this run's adapters."""
-    from kore_ray.serve.server import serving
+    from kore_ray.serve.serve_stage import serving
 
-    methods = [m for m in (methods or cfg.evaluate.methods)]
-    if "full" in methods:  # a full fine-tune is a whole model, not an adapter on the base
-        print("kore evaluate: 'full' is not served as an adapter; evaluate its model directory separately")
-        methods.remove("full")
-    missing = [m for m in methods if not (adapter_dir(cfg.run_dir, m) / "adapter_config.json").is_file()]
+    run_dir = RunDir(cfg.run_dir)
+    methods = list(methods or cfg.evaluate.methods)
+    for m in [m for m in methods if not METHODS[m].adapter]:  # a whole model, not an adapter
+        print(f"kore evaluate: {m!r} is not served as an adapter; evaluate its model directory "
+              "separately")
+        methods.remove(m)
+    missing = [m for m in methods if not (run_dir.adapter(m) / "adapter_config.json").is_file()]
     if missing:
-        raise InputError(f"no trained adapter for {missing} in {Path(cfg.run_dir) / 'adapter'} (run `kore train`)")
+        raise InputError(f"no trained adapter for {missing} in {run_dir.adapters} (run `kore train`)")
     if not (cfg.data.eval_questions and cfg.data.retention_eval and cfg.data.knowledge):
         raise InputError("evaluation needs data.knowledge, data.eval_questions and data.retention_eval")
     inputs = evaluation_inputs(cfg, methods)
-    done = Path(cfg.run_dir) / "eval" / "results.json"
-    previous = json.loads(done.read_text()) if done.is_file() else {}
+    previous = read_record(run_dir.results) or {}
     if previous.get("inputs") == inputs:
-        print(f"kore evaluate: {done} is up to date; skipping")
-        return _summarise(previous, done.with_name("report.md"))
+        print(f"kore evaluate: {run_dir.results} is up to date; skipping")
+        return _summarise(previous, run_dir.report)
     items = read_records(cfg.data.knowledge, KnowledgeItem)
     questions = read_records(cfg.data.eval_questions, EvalQuestion)
     probes = read_records(cfg.data.retention_eval, RetentionProbe)
@@ -96,10 +99,12 @@ def run_evaluate(cfg: PipelineConfig, methods: list[str] | None = None, base_url
     results["settings"] = {
         "model": cfg.model.name_or_path, "methods": methods, "max_new_tokens": cfg.evaluate.max_new_tokens,
         "training": {m: {"rank": (c := cfg.for_method(m)).init.rank, "learning_rate": c.train.learning_rate,
-                         "max_steps": c.train.max_steps, "batch_size": c.train.batch_size} for m in methods},
+                         "max_steps": c.train.max_steps, "batch_size": c.train.batch_size,
+                         "exported_rank": (read_record(run_dir.adapter(m) / MANIFEST) or {}).get(
+                             "exported_rank")} for m in methods},
     }
     results["inputs"] = inputs
-    return _summarise(results, write_report(results, Path(cfg.run_dir) / "eval", rows)["report"])
+    return _summarise(results, write_report(results, cfg.run_dir, rows)["report"])
 
 
 def _summarise(results: dict, report: Path) -> dict:

@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -48,8 +47,8 @@ from kore_ray.config import AugmentConfig, PipelineConfig
 from kore_ray.data.io import read_records, write_parquet
 from kore_ray.data.schemas import Conversation, KnowledgeItem
 from kore_ray.errors import InputError
+from kore_ray.run_dir import RunDir, atomic_write
 
-OUTPUT_DIR = "augmented"
 ASYNC_BATCHES_PER_TASK = 4  # Ray Data runs this many batches of an async UDF at once
 
 
@@ -73,19 +72,6 @@ RESULT_SCHEMA = pa.schema([
     ("dialogues", pa.string()), ("qa", pa.string()), ("error", pa.string()), ("requests", pa.int32()),
     ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
 ])
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never half of one (a crash mid-write included)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cache_key(item: KnowledgeItem, cfg: AugmentConfig) -> str:
@@ -122,7 +108,7 @@ class Cache:
             return None
 
     def put_json(self, key: str, entry: dict) -> None:
-        _atomic_write(self._path(key), json.dumps(entry, ensure_ascii=False).encode())
+        atomic_write(self._path(key), json.dumps(entry, ensure_ascii=False).encode())
 
     def qa(self, key: str) -> list[QA]:
         """The cached targeted Q&A of an entry ([] for none or an unreadable entry)."""
@@ -210,7 +196,7 @@ def _write_failures(failures: list[Failure], path: Path) -> None:
     table = pa.Table.from_pylist([asdict(f) for f in failures], schema=FAILURE_SCHEMA)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    _atomic_write(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def _self_pairs(items: list[KnowledgeItem], cfg: PipelineConfig, cache: Cache,
@@ -229,11 +215,11 @@ def _self_pairs(items: list[KnowledgeItem], cfg: PipelineConfig, cache: Cache,
         else:
             todo.append(item)
     if todo:
-        from kore_ray.serve.server import serving
+        from kore_ray.serve.serve_stage import serving
 
         # The base model alone: no adapters, so nothing a previous run trained is asked.
         base_only = cfg.model_copy(update={"serve": cfg.serve.model_copy(
-            update={"adapters": str(Path(cfg.run_dir) / OUTPUT_DIR / "no-adapters")})})
+            update={"adapters": str(RunDir(cfg.run_dir).no_adapters)})})
         model = cfg.serve.served_model_name or cfg.model.name_or_path
         start = time.perf_counter()
         with serving(base_only) as url:
@@ -325,8 +311,8 @@ def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
     if use_llm and not acfg.model:
         raise InputError("augment.model must be set when augment.base_url is")
     items = read_records(cfg.data.knowledge, KnowledgeItem)
-    out_dir = Path(cfg.run_dir) / OUTPUT_DIR
-    cache = Cache(out_dir / "cache")
+    run_dir = RunDir(cfg.run_dir)
+    cache = Cache(run_dir.augment_cache)
 
     trees: dict[str, list[Conversation]] = {}
     failures: list[Failure] = []
@@ -379,9 +365,8 @@ def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
     order = {item.id: i for i, item in enumerate(items)}  # output in input order, not arrival
     conversations = [c for item in items for c in trees[item.id]]
     failures.sort(key=lambda f: (order[f.knowledge_id], f.stage))
-    paths = {"conversations": out_dir / "conversations.parquet",
-             "failures": out_dir / "failures.parquet", "cache": cache.root,
-             "summary": out_dir / "summary.json"}
+    paths = {"conversations": run_dir.conversations, "failures": run_dir.failures,
+             "cache": cache.root, "summary": run_dir.augment_summary}
     write_parquet(conversations, paths["conversations"], Conversation)
     _write_failures(failures, paths["failures"])
     summary = {
@@ -410,5 +395,5 @@ def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
         "wall_s": round(time.perf_counter() - start, 3),
         "outputs": {k: str(v) for k, v in paths.items()},
     }
-    _atomic_write(paths["summary"], json.dumps(summary, indent=2).encode())
+    atomic_write(paths["summary"], json.dumps(summary, indent=2).encode())
     return summary

@@ -7,7 +7,7 @@ Run directory:
           train/<method>/run.json              the settings the checkpoints belong to
           train/<method>/metrics.jsonl         per step: loss, lr, tokens/s, ... (rank 0)
           adapter/<method>/                    plain LoRA for the unmodified base (`full`: the
-                                               whole model), via stage.export_trained
+                                               whole model), via export_stage.export_trained
 
 Resume. The run name is stable (`train.run_name`, default "<run_dir name>-<method>"), so Ray
 Train finds its earlier checkpoints in the same storage: a restarted worker group
@@ -40,26 +40,27 @@ elsewhere CPU bf16 is emulated and slower, so auto keeps float32 there.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from kore_ray.config import PipelineConfig
-from kore_ray.constraint.stage import (
-    STAGE_FILE,
-    adapter_dir,
-    export_trained,
-    init_dir,
-    load_trainable,
-)
 from kore_ray.data.schemas import Conversation
 from kore_ray.errors import InputError
-from kore_ray.models.loading import load_model
-from kore_ray.train.checkpoint import INFO_FILE, checkpoint_step, load_weights, read_weights
+from kore_ray.run_dir import (
+    DONE_RECORD,
+    METRICS,
+    RUN_RECORD,
+    STAGE_RECORD,
+    RunDir,
+    is_current,
+    read_record,
+    run_name,
+    write_record,
+)
+from kore_ray.train.checkpoint import checkpoint_step
 from kore_ray.train.data import (
     Tokenize,
-    conversations_path,
     is_vision_model,
     per_worker_batch,
     plan_schedule,
@@ -67,23 +68,8 @@ from kore_ray.train.data import (
     read_conversations,
     shard_name,
 )
+from kore_ray.train.export_stage import export_checkpoint
 from kore_ray.train.loop import WorkerSpec, train_loop_per_worker
-
-METRICS = "metrics.jsonl"
-RUN_RECORD = "run.json"
-DONE_RECORD = "done.json"  # written once the adapter is exported: a re-run skips training
-
-
-def train_dir(run_dir: str | Path, method: str) -> Path:
-    return Path(run_dir) / "train" / method
-
-
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def run_name(cfg: PipelineConfig, method: str) -> str:
-    return cfg.train.run_name or f"{Path(cfg.run_dir).resolve().name}-{method}"
 
 
 def _data_fingerprint(conversations: Sequence[Conversation]) -> str:
@@ -94,25 +80,28 @@ def _data_fingerprint(conversations: Sequence[Conversation]) -> str:
     return h.hexdigest()[:16]
 
 
+_RESUMABLE = {"num_workers", "cpus_per_worker", "micro_batch_size", "strategy",
+              "activation_checkpointing", "checkpoint_every", "keep_checkpoints", "max_failures",
+              "run_name"}
+
+
 def _run_record(cfg: PipelineConfig, method: str, init: Path, conversations, steps: int) -> dict:
-    t = cfg.train
     return {
         "method": method,
         "model": cfg.model.name_or_path,
-        "init": json.loads((init / STAGE_FILE).read_text()),
+        "init": read_record(init / STAGE_RECORD),
         "data": _data_fingerprint(conversations),
         "steps": steps,
-        **{k: getattr(t, k) for k in (
-            "batch_size", "epochs", "max_steps", "max_length", "learning_rate", "lr_schedule",
-            "warmup_steps", "weight_decay", "max_grad_norm", "seed", "use_gpu", "autocast",
-        )},
+        # Every setting that changes the trained weights; the rest (workers, checkpointing,
+        # run name) may change between a run and its resume.
+        **cfg.train.model_dump(exclude=_RESUMABLE),
     }
 
 
 def _claim(record_path: Path, storage: Path, record: dict) -> None:
     """Write run.json, or refuse to resume checkpoints that were made with other settings."""
     if storage.exists() and record_path.is_file():
-        old = json.loads(record_path.read_text())
+        old = read_record(record_path) or {}
         changed = sorted(k for k in record.keys() | old.keys() if record.get(k) != old.get(k))
         if changed:
             raise InputError(
@@ -120,8 +109,7 @@ def _claim(record_path: Path, storage: Path, record: dict) -> None:
                 f"({', '.join(changed)}); train in another run directory, set train.run_name, "
                 f"or delete {storage} and {record_path.parent} to start over"
             )
-    record_path.parent.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps(record, indent=2, sort_keys=True))
+    write_record(record_path, record)
 
 
 @contextmanager
@@ -166,38 +154,6 @@ def _shards(cfg: PipelineConfig, conversations, schedule, progress: bool) -> dic
     return {shard_name(k): part for k, part in enumerate(parts)}
 
 
-def export_checkpoint(cfg: PipelineConfig, method: str, checkpoint: str | Path,
-                      dest: str | Path | None = None, dtype: str = "float32") -> Path:
-    """A trained checkpoint of `method`, exported (see stage.export_trained) to `dest`
-    (default <run_dir>/adapter/<method>)."""
-    base, _ = load_model(cfg.model.name_or_path, dtype)
-    model = load_trainable(base, init_dir(cfg.run_dir, method))
-    load_weights(model, read_weights(checkpoint))
-    return export_trained(model, dest or adapter_dir(cfg.run_dir, method), cfg.model.name_or_path)
-
-
-def checkpoints(cfg: PipelineConfig, method: str) -> list[tuple[int, Path]]:
-    """(step, directory) of every checkpoint `method`'s run kept, in step order."""
-    run = checkpoints_dir(cfg.run_dir) / run_name(cfg, method)
-    found = ((checkpoint_step(d), d) for d in run.glob("*"))
-    return sorted((step, d) for step, d in found if step is not None)  # Ray Train's files sit beside
-
-
-def run_export(cfg: PipelineConfig, method: str, checkpoint: str | Path | None = None) -> Path:
-    """`kore export`: the latest (or the given) checkpoint of `method` as its adapter."""
-    if checkpoint is None:
-        found = checkpoints(cfg, method)
-        if not found:
-            raise InputError(f"no checkpoints of {method!r} under {checkpoints_dir(cfg.run_dir)} "
-                             f"(run `kore train --method {method}`)")
-        checkpoint = found[-1][1]
-    elif checkpoint_step(checkpoint) is None:
-        raise InputError(f"{checkpoint}: not a kore train checkpoint (no {INFO_FILE})")
-    out = export_checkpoint(cfg, method, checkpoint)
-    print(f"kore export: {checkpoint} -> {out}")
-    return out
-
-
 def run_train(
     cfg: PipelineConfig,
     method: str | None = None,
@@ -222,21 +178,21 @@ def run_train(
     if t.strategy == "fsdp" and not t.use_gpu:
         raise InputError("train.strategy=fsdp needs train.use_gpu=true (FSDP runs on GPUs only)")
     per_worker = per_worker_batch(t.batch_size, t.num_workers)
-    init = init_dir(cfg.run_dir, method)
-    if not (init / STAGE_FILE).is_file():
+    run = RunDir(cfg.run_dir)
+    init = run.init(method)
+    if not (init / STAGE_RECORD).is_file():
         raise InputError(f"{init}: no initialisation for {method!r} (run `kore init` first)")
     vision = is_vision_model(cfg.model.name_or_path)
-    conversations = read_conversations(conversations_path(cfg.run_dir), vision)
+    conversations = read_conversations(run.conversations, vision)
     schedule = plan_schedule(len(conversations), t.batch_size, t.epochs, t.max_steps, t.seed)
     steps = schedule.shape[0]
-    name = run_name(cfg, method)
-    storage = checkpoints_dir(cfg.run_dir).resolve()
-    out = train_dir(cfg.run_dir, method)
+    name = run_name(cfg.run_dir, method, t.run_name)
+    storage = run.checkpoints.resolve()
+    out = run.train(method)
     record = _run_record(cfg, method, init, conversations, steps)
-    adapter = adapter_dir(cfg.run_dir, method)
-    finished = out / DONE_RECORD
+    adapter = run.adapter(method)
     done_record = {**record, "run": name}  # another train.run_name is another run: train it
-    if finished.is_file() and json.loads(finished.read_text()) == done_record and adapter.is_dir():
+    if is_current(out / DONE_RECORD, done_record) and adapter.is_dir():
         print(f"kore train: {adapter} is up to date ({method}); skipping")
         return adapter
     _claim(out / RUN_RECORD, storage / name, record)
@@ -246,27 +202,15 @@ def run_train(
               f"({len(conversations)} conversations) on {t.num_workers} worker(s), run {name!r}")
 
     spec = WorkerSpec(
+        train=t,
         model=cfg.model.name_or_path,
         init_dir=str(init.resolve()),
         dtype=dtype,
-        autocast=t.autocast,
-        strategy=t.strategy,
         total_steps=steps,
         per_worker_batch=per_worker,
         micro_batch_size=min(t.micro_batch_size or per_worker, per_worker),
-        max_length=t.max_length,
-        learning_rate=t.learning_rate,
-        lr_schedule=t.lr_schedule,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        activation_checkpointing=t.activation_checkpointing,
-        checkpoint_every=t.checkpoint_every,
         metrics_path=str((out / METRICS).resolve()),
         rows_per_epoch=len(conversations),
-        global_batch=t.batch_size,
-        threads=t.cpus_per_worker,
-        seed=t.seed,
         progress=progress,
         after_step=after_step,
     )
@@ -296,7 +240,7 @@ def run_train(
         if (done := checkpoint_step(directory)) != steps:
             raise RuntimeError(f"run {name!r} ended at step {done} of {steps}")
         adapter = export_checkpoint(cfg, method, directory, dtype=dtype)
-    finished.write_text(json.dumps(done_record, indent=2, sort_keys=True))  # after the export: the mark
+    write_record(out / DONE_RECORD, done_record)  # after the export: the mark
     if progress:
         print(f"kore train: wrote {adapter}")
     return adapter

@@ -35,7 +35,6 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -53,17 +52,12 @@ from kore_ray.constraint.retention import (
     unpack_upper,
     vlm_inputs,
 )
-from kore_ray.constraint.store import (
-    MANIFEST,
-    CovarianceStore,
-    load_store,
-    model_fingerprint,
-    save_store,
-)
+from kore_ray.constraint.store import CovarianceStore, load_store, save_store
 from kore_ray.data.tokenize import pad_token_id
 from kore_ray.errors import InputError, ModelError
 from kore_ray.models.loading import is_vision_language, load_model
 from kore_ray.models.targets import TargetGroup, find_target_groups
+from kore_ray.run_dir import MANIFEST, RunDir, is_current, model_fingerprint
 
 
 @dataclass(frozen=True)
@@ -329,20 +323,6 @@ def covariance_dataset(
     )
 
 
-def _already_done(directory: Path, spec: ModelSpec, normalize: str, wanted: tuple) -> bool:
-    import json
-
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        manifest.get("model_fingerprint") == spec.fingerprint
-        and manifest.get("normalize") == normalize
-        and tuple(manifest.get("data_fingerprints", ())) == wanted
-    )
-
-
 def _log(message: str) -> None:
     print(f"kore covariance: {message}", file=sys.stderr, flush=True)
 
@@ -364,7 +344,7 @@ def run_covariance(
     add_to = add_to or cov.add_to
     if cfg.data.retention is None:
         raise InputError("no retention data: set data.retention (probes, conversations, .txt)")
-    out_dir = Path(cfg.run_dir) / "covariance"
+    out_dir = RunDir(cfg.run_dir).covariance
     spec, tokenizer = model_spec(cfg.model.name_or_path, cfg.model.dtype)
     items = read_retention(cfg.data.retention, tokenizer, spec.vision)
     fingerprint = data_fingerprint(items, cov.max_length)
@@ -375,7 +355,9 @@ def run_covariance(
             "adding it again would count it twice"
         )
     wanted = (base.data_fingerprints if base is not None else ()) + (fingerprint,)
-    if not force and _already_done(out_dir, spec, cov.normalize, wanted):
+    made_from = {"model_fingerprint": spec.fingerprint, "normalize": cov.normalize,
+                 "data_fingerprints": list(wanted)}
+    if not force and is_current(out_dir / MANIFEST, made_from):
         _log(f"{out_dir} already holds this data for this model; skipping (--force recomputes)")
         return load_store(out_dir, expected_fingerprint=spec.fingerprint)
 
