@@ -33,15 +33,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT
 
-from kore_ray.run_dir import RunDir
+from kore_ray.run_dir import MANIFEST, RunDir, read_record
 
 # (method, rank, learning rates). LoRA's rank is KORE's at that rank (equal trainable count).
+# --methods picks by method, or "kore-r128" for a rank other than 64.
 GRID = [
-    ("kore", 64, [2e-3, 5e-3]),
-    ("lora", 64, [5e-4, 1e-3, 3e-3]),
+    ("kore", 64, [1e-3, 2e-3, 4e-3]),
+    ("lora", 64, [5e-4, 1e-3, 2e-3]),
     ("corda", 64, [5e-4, 1e-3, 3e-3]),
     ("kore", 128, [3e-3]),
 ]
+
+
+def _grid_name(method: str, rank: int) -> str:
+    return method if rank == 64 else f"{method}-r{rank}"
+
+
 TARGET = 0.9  # adaptation CEM a method must reach for its retention to count
 # CEM on 120 questions moves in steps of 1/120: points within 3 questions of the matched level
 # count as matched, so one lucky or unlucky question does not pick a method's setting.
@@ -87,7 +94,9 @@ def train_point(cfg, root: Path, p: Point) -> list[tuple[str, int]]:
     for d in (RunDir(init_root), RunDir(point_dir)):
         _link(shared.augmented, d.augmented)
         _link(shared.covariance, d.covariance)
-    mcfg = _cfg(cfg.for_method(p.method), run_dir=str(init_root), **{"init.rank": p.rank})
+    # Training serves nothing; the server's rank is set from the exports in ask_all.
+    mcfg = _cfg(cfg.for_method(p.method), run_dir=str(init_root),
+                **{"init.rank": p.rank, "serve.max_lora_rank": 512})
     run_init(mcfg, p.method)
     _link(RunDir(init_root).init(p.method), RunDir(point_dir).init(p.method))
     pcfg = _cfg(mcfg, run_dir=str(point_dir), **{
@@ -118,7 +127,11 @@ def ask_all(cfg, root: Path, names: list[str]) -> dict:
     if todo:
         questions = read_records(cfg.data.eval_questions, EvalQuestion)
         probes = read_records(cfg.data.retention_eval, RetentionProbe)
-        scfg = _cfg(cfg, **{"serve.adapters": str(root / "adapters"),
+        # The smallest rank vLLM accepts that holds every export (it pads adapters to it).
+        need = max([(read_record(root / "adapters" / n / MANIFEST) or {}).get(
+            "exported_rank", {}).get("max", 0) for n in names])
+        rank = next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= need)
+        scfg = _cfg(cfg, **{"serve.adapters": str(root / "adapters"), "serve.max_lora_rank": rank,
                             "serve.max_cpu_loras": len(names), "serve.max_loras": 4})
         with serving(scfg) as url:
             answers = ask(build_requests(todo, questions, probes), url,
@@ -171,11 +184,11 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--run-dir", default=str(ROOT / "runs" / "frontier"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "frontier.png"))
-    ap.add_argument("--methods", default=",".join(dict.fromkeys(m for m, _, _ in GRID)),
-                    help="comma-separated subset of the grid's methods (default: all)")
+    ap.add_argument("--methods", default=",".join(_grid_name(m, r) for m, r, _ in GRID),
+                    help="comma-separated subset of the grid (default: all of it)")
     args = ap.parse_args()
     chosen = args.methods.split(",")
-    unknown = set(chosen) - {m for m, _, _ in GRID}
+    unknown = set(chosen) - {_grid_name(m, r) for m, r, _ in GRID}
     if unknown:
         ap.error(f"--methods: {sorted(unknown)} not in the grid")
 
@@ -194,7 +207,7 @@ def main() -> None:
     run_augment(cfg)
     run_covariance(cfg)
     adapters = {}  # adapter name -> (point, step)
-    for method, rank, lrs in (g for g in GRID if g[0] in chosen):
+    for method, rank, lrs in (g for g in GRID if _grid_name(g[0], g[1]) in chosen):
         for lr in lrs:
             p = Point(method, rank, lr)
             print(f"frontier: {p.name}", flush=True)

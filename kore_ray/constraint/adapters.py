@@ -204,9 +204,11 @@ def save_kore_model(peft_model: PeftModel, directory: str | os.PathLike) -> Path
 
 
 def load_kore_model(
-    base_model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False
+    base_model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False,
+    merged_forward: bool = True,
 ) -> PeftModel:
-    """Re-create a saved KORE model on the UNMODIFIED base (modified in place)."""
+    """Re-create a saved KORE model on the UNMODIFIED base (modified in place).
+    merged_forward=False keeps PeftModel's own forward (FSDP: no whole weight to merge)."""
     directory = Path(directory)
     try:
         meta = json.loads((directory / MANIFEST).read_text())
@@ -226,7 +228,7 @@ def load_kore_model(
         _residualise(layer, factors[f"{name}.A0"], factors[f"{name}.B0"])
         # KORE freezes A at A0; kore-v1, CorDA and PiSSA (saved this way) train it.
         layer.lora_A[ADAPTER].weight.requires_grad_(is_trainable and lookup(meta["method"]).trains_a)
-    use_merged_forward(peft_model)
+    use_merged_forward(peft_model, merged_forward)
     peft_model.kore_meta = {k: meta[k] for k in ("method", "model_fingerprint", "leaks")}
     return peft_model
 

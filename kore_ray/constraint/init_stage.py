@@ -86,8 +86,9 @@ def run_init(cfg: PipelineConfig, method: str | None = None, force: bool = False
     return out
 
 
-def load_trainable(base_model, directory: str | Path):
-    """The model to train from an init directory, on the UNMODIFIED base (modified in place)."""
+def load_trainable(base_model, directory: str | Path, merged_forward: bool = True):
+    """The model to train from an init directory, on the UNMODIFIED base (modified in place).
+    merged_forward: KORE's merged-weight fast path (constraint/merged.py) where it applies."""
     directory = Path(directory)
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
@@ -95,7 +96,8 @@ def load_trainable(base_model, directory: str | Path):
         raise InputError(f"{directory} is not an init directory (run `kore init`): {e}") from e
     kind = manifest.get("kind")
     if kind == "kore-adapter":
-        return load_kore_model(base_model, directory, is_trainable=True)
+        return load_kore_model(base_model, directory, is_trainable=True,
+                               merged_forward=merged_forward)
     if kind == "lora-init":
         return PeftModel.from_pretrained(base_model, directory, is_trainable=True)
     if kind == "full-init":

@@ -17,7 +17,6 @@ probe or a conversation goes through the model's chat template (or the plain Q/A
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from kore_ray.data.io import import_llava, read_records
+from kore_ray.data.io import import_llava, load_image, read_records
 from kore_ray.data.schemas import Conversation, RetentionProbe
 from kore_ray.data.tokenize import pad_batch, retention_text
 from kore_ray.data.validate import detect_kind
@@ -172,25 +171,6 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[lis
 def text_inputs(token_ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """A right-padded micro-batch for a text model."""
     return pad_batch([{"input_ids": list(ids)} for ids in token_ids], pad_id)
-
-
-def load_image(ref: str):
-    """An RGB PIL image from a local path or an object-store URI (s3://, gs://, ...)."""
-    from PIL import Image
-
-    try:
-        if "://" in ref and not ref.startswith("file://"):
-            import pyarrow.fs as pafs
-
-            fs, where = pafs.FileSystem.from_uri(ref)
-            with fs.open_input_file(where) as f:
-                data = io.BytesIO(f.read())
-        else:
-            data = ref.removeprefix("file://")
-        with Image.open(data) as image:
-            return image.convert("RGB")
-    except Exception as e:
-        raise InputError(f"cannot read image {ref}: {type(e).__name__}: {e}") from e
 
 
 def vlm_inputs(

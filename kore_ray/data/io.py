@@ -8,6 +8,7 @@ so a user fixes a file in one pass. `line` is the 1-based line of a JSONL file, 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -255,3 +256,22 @@ def import_llava(path: str | Path, image_root: str | Path | None = None) -> list
     keeps images apart from the JSON.
     """
     return [entry.to_conversation() for entry in read_records(path, LlavaEntry, image_root)]
+
+
+def load_image(ref: str):
+    """An RGB PIL image from a local path or an object-store URI (s3://, gs://, ...)."""
+    from PIL import Image
+
+    try:
+        if "://" in ref and not ref.startswith("file://"):
+            import pyarrow.fs as pafs
+
+            fs, where = pafs.FileSystem.from_uri(ref)
+            with fs.open_input_file(where) as f:
+                data = io.BytesIO(f.read())
+        else:
+            data = ref.removeprefix("file://")
+        with Image.open(data) as image:
+            return image.convert("RGB")
+    except Exception as e:
+        raise InputError(f"cannot read image {ref}: {type(e).__name__}: {e}") from e

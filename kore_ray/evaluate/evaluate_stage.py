@@ -20,7 +20,7 @@ from kore_ray.evaluate.ask import ask
 from kore_ray.evaluate.report import write_report
 from kore_ray.evaluate.score import prediction_rows, score_all
 from kore_ray.methods import METHODS
-from kore_ray.run_dir import MANIFEST, RunDir, read_record
+from kore_ray.run_dir import MANIFEST, RunDir, is_current, read_record
 
 
 def _chat(question: str) -> str:
@@ -75,10 +75,9 @@ def run_evaluate(cfg: PipelineConfig, methods: list[str] | None = None, base_url
     if not (cfg.data.eval_questions and cfg.data.retention_eval and cfg.data.knowledge):
         raise InputError("evaluation needs data.knowledge, data.eval_questions and data.retention_eval")
     inputs = evaluation_inputs(cfg, methods)
-    previous = read_record(run_dir.results) or {}
-    if previous.get("inputs") == inputs:
+    if is_current(run_dir.results, {"inputs": inputs}):
         print(f"kore evaluate: {run_dir.results} is up to date; skipping")
-        return _summarise(previous, run_dir.report)
+        return _summarise(read_record(run_dir.results), run_dir.report)
     items = read_records(cfg.data.knowledge, KnowledgeItem)
     questions = read_records(cfg.data.eval_questions, EvalQuestion)
     probes = read_records(cfg.data.retention_eval, RetentionProbe)

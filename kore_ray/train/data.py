@@ -29,8 +29,7 @@ import pyarrow as pa
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from kore_ray.constraint.retention import load_image
-from kore_ray.data.io import read_records
+from kore_ray.data.io import load_image, read_records
 from kore_ray.data.schemas import Conversation
 from kore_ray.data.tokenize import IGNORE_INDEX, encode_conversation, pad_batch, render
 from kore_ray.errors import InputError

@@ -35,7 +35,6 @@ from ray.train import Checkpoint
 
 from kore_ray.config import TrainConfig
 from kore_ray.constraint.init_stage import load_trainable
-from kore_ray.constraint.merged import use_merged_forward
 from kore_ray.data.tokenize import pad_token_id
 from kore_ray.errors import ModelError
 from kore_ray.models.loading import is_vision_language, load_model
@@ -147,9 +146,9 @@ def train_loop_per_worker(config: dict) -> None:
     # Straight onto the device: KORE's re-residualisation (W - B0 A0) then runs on the GPU.
     model, preprocessor = load_model(spec.model, spec.dtype, device=str(device))
     vision = is_vision_language(model.config)
-    model = load_trainable(model, spec.init_dir)
-    if spec.train.strategy == "fsdp":  # FSDP shards W_res and B: no whole merged weight to form
-        use_merged_forward(model, False)
+    # FSDP shards W_res and B: no whole merged weight to form, so PEFT's own forward.
+    model = load_trainable(model, spec.init_dir, merged_forward=spec.train.strategy != "fsdp")
+
     if spec.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
