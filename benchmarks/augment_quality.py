@@ -2,7 +2,7 @@
 generator setting, side by side in one run.
 
 Settings: templates only ("tell me about X" -> the paragraph), extractive, self, extractive +
-self. Each gets its own augment + init + train (the demo's KORE settings) on one shared
+self ("extractive-self"). Each gets its own augment + init + train (the demo's KORE settings) on one shared
 covariance store; the self generator runs once (the settings share its cache); then the base
 and the four adapters are served together and asked the same held-out questions and retention
 probes. Data: `data/heldout/` (30 paragraph-only items, 60 questions, written apart from the
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,8 +29,9 @@ from frontier import _cfg, _link, ask_all
 
 from kore_ray.run_dir import RunDir
 
+# Setting names are served adapter names: letters, digits, "-" only.
 SETTINGS = {"templates": [], "extractive": ["extractive"], "self": ["self"],
-            "extractive+self": ["self", "extractive"]}
+            "extractive-self": ["self", "extractive"]}
 
 
 def main() -> None:
@@ -68,7 +70,9 @@ def main() -> None:
         summaries[name] = run_augment(scfg)
         run_init(scfg, "kore")
         run_train(scfg, "kore")
-        _link(RunDir(sub).adapter("kore"), root / "adapters" / name)
+        served = root / "adapters" / name  # a copy: the server refuses links out of its folder
+        if not (served / "adapter_config.json").is_file():
+            shutil.copytree(RunDir(sub).adapter("kore"), served, dirs_exist_ok=True)
     base = cfg.serve.served_model_name or cfg.model.name_or_path
     predictions = ask_all(cfg, root, [base, *SETTINGS])
     scores = score_all(predictions, base, {n: n for n in SETTINGS},

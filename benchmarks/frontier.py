@@ -136,6 +136,10 @@ def ask_all(cfg, root: Path, names: list[str]) -> dict:
         with serving(scfg) as url:
             answers = ask(build_requests(todo, questions, probes), url,
                           max_tokens=cfg.evaluate.max_new_tokens)
+        failed = sorted({r["model"] for r in answers.values() if r.get("error")})
+        if failed:  # never score (or cache) a model whose requests failed: it would read as 0
+            example = next(r["error"] for r in answers.values() if r.get("error"))
+            raise RuntimeError(f"requests failed for {failed}, e.g. {example}")
         with cache.open("a") as fh:  # a model's answers are appended once all of them are in
             for row in answers.values():
                 fh.write(json.dumps(row) + "\n")
