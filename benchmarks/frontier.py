@@ -33,13 +33,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT
 
-from kore_ray.run_dir import MANIFEST, RunDir, read_record
+from kore_ray.run_dir import RunDir, read_record
 
 # (method, rank, learning rates). LoRA's rank is KORE's at that rank (equal trainable count).
 # --methods picks by method, or "kore-r128" for a rank other than 64.
 GRID = [
     ("kore", 64, [1e-3, 2e-3, 4e-3]),
-    ("lora", 64, [5e-4, 1e-3, 2e-3]),
+    ("lora", 64, [5e-4, 1e-3]),
     ("corda", 64, [5e-4, 1e-3, 3e-3]),
     ("kore", 128, [3e-3]),
 ]
@@ -127,9 +127,10 @@ def ask_all(cfg, root: Path, names: list[str]) -> dict:
     if todo:
         questions = read_records(cfg.data.eval_questions, EvalQuestion)
         probes = read_records(cfg.data.retention_eval, RetentionProbe)
-        # The smallest rank vLLM accepts that holds every export (it pads adapters to it).
-        need = max([(read_record(root / "adapters" / n / MANIFEST) or {}).get(
-            "exported_rank", {}).get("max", 0) for n in names])
+        # The smallest rank vLLM accepts that holds every export (it pads adapters to it),
+        # from each adapter's config, as vLLM reads it.
+        configs = [read_record(root / "adapters" / n / "adapter_config.json") or {} for n in names]
+        need = max(max([c.get("r", 0), *(c.get("rank_pattern") or {}).values()]) for c in configs)
         rank = next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= need)
         scfg = _cfg(cfg, **{"serve.adapters": str(root / "adapters"), "serve.max_lora_rank": rank,
                             "serve.max_cpu_loras": len(names), "serve.max_loras": 4})
