@@ -10,9 +10,9 @@ our vLLM multi-LoRA app and scores them with the evaluation stage's own code.
 
     python benchmarks/frontier.py [--config configs/demo.yaml] [--run-dir runs/frontier]
 
-On 2 CPU cores it takes about 70 minutes (9 training runs of the demo's 45 steps, ~5 minutes
-each, then 27 adapters evaluated, ~20 minutes). It is resumable: finished points and answers
-already collected are kept in the run directory. It writes <run-dir>/frontier.json and
+On 2 CPU cores `--methods kore,lora` (5 runs of the demo's 60 steps, ~5 minutes each, then 15
+adapters evaluated, ~9 minutes) takes about 40 minutes; the whole grid about 70. It is
+resumable: finished points and answers already collected are kept in the run directory. It writes <run-dir>/frontier.json and
 docs/frontier.png, prints every point, and its last line is
 {"kore_retention_at_90": ..., "lora_retention_at_90": ..., "corda_retention_at_90": ..., ...}:
 the best retention each method reaches with adaptation CEM >= 0.9 (null if it never does within
