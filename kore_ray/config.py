@@ -203,20 +203,18 @@ class PipelineConfig(_Section):
                              "supported; use a path every node mounts (NFS, EFS, ...)")
         return self
 
-    @model_validator(mode="after")
-    def _servable_exports(self):
-        """An export the server cannot load is refused now, not after training."""
-        for name in dict.fromkeys([self.init.method, *self.evaluate.methods]):
+    def check_servable(self, methods: list[str]) -> None:
+        """Refuse, before any training, a method whose export the server cannot load."""
+        for name in dict.fromkeys(methods):
             own = self.methods.get(name, {})  # its overrides (not for_method: that validates)
             init = {**self.init.model_dump(), **own.get("init", {})}
             limit = own.get("serve", {}).get("max_lora_rank", self.serve.max_lora_rank)
             rank = METHODS[name].export_rank(max([init["rank"], *init["ranks"].values()]))
             if rank is not None and rank > limit:
-                raise ValueError(
+                raise InputError(
                     f"{name} exports rank {rank} at init.rank {init['rank']}, above "
                     f"serve.max_lora_rank {limit}: raise serve.max_lora_rank (vLLM's values: "
                     "8-512) or lower the rank")
-        return self
 
     def for_method(self, method: str) -> PipelineConfig:
         """This config with `methods[method]`'s overrides applied (and validated)."""

@@ -27,6 +27,7 @@ def run_inject(cfg: PipelineConfig, methods: list[str] | None = None, progress: 
     from kore_ray.train.train_stage import run_train
 
     methods = list(methods or cfg.evaluate.methods)
+    cfg.check_servable(methods)  # before hours of training, not at serve time
     timings = {}
     start = _stage("augment")
     run_augment(cfg, progress=progress)

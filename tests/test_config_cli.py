@@ -40,11 +40,6 @@ def test_overrides_are_typed():
         ("- a\n- b\n", "mapping"),
         ("train: [unclosed\n", "not valid YAML"),
         ("run_dir: s3://bucket/runs\n", "object-store run directories are not supported"),
-        # CorDA trains A beside its subtracted init: rank 2 x 64 does not fit a rank-64 server.
-        ("serve:\n  max_lora_rank: 64\nevaluate:\n  methods: [kore, corda]\n",
-         "corda exports rank 128 at init.rank 64, above serve.max_lora_rank 64"),
-        ("serve:\n  max_lora_rank: 64\nmethods:\n  kore:\n    init: {rank: 128}\n",
-         "kore exports rank 128"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, yaml_text, match):
@@ -104,3 +99,14 @@ def test_per_method_overrides():
     bad = load_config(overrides=["methods={lora: {train: {learning_rate: -1}}}"])
     with pytest.raises(InputError, match="methods.lora"):
         bad.for_method("lora")
+
+
+def test_an_export_the_server_cannot_load_is_refused_before_training():
+    cfg = load_config(overrides=["serve.max_lora_rank=64"])
+    cfg.check_servable(["kore", "lora"])  # rank 64 and below fit
+    with pytest.raises(InputError, match="corda exports rank 128 at init.rank 64, above "
+                                         "serve.max_lora_rank 64"):
+        cfg.check_servable(["kore", "corda"])  # A trained beside its subtracted init: 2r
+    big = load_config(overrides=["serve.max_lora_rank=64", "methods={kore: {init: {rank: 128}}}"])
+    with pytest.raises(InputError, match="kore exports rank 128"):
+        big.check_servable(["kore"])

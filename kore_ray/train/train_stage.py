@@ -174,6 +174,7 @@ def run_train(
         raise InputError("kore train needs Ray Train V2: ray.train was imported with "
                          "RAY_TRAIN_V2_ENABLED=0; unset it")
     method = method or cfg.init.method
+    cfg.check_servable([method])
     t = cfg.train
     if t.strategy == "fsdp" and not t.use_gpu:
         raise InputError("train.strategy=fsdp needs train.use_gpu=true (FSDP runs on GPUs only)")
