@@ -59,7 +59,7 @@ def make_run(tmp_path_factory):
     def make(name: str, **train) -> object:
         overrides = {"batch_size": 4, "max_steps": STEPS, "checkpoint_every": 2,
                      "learning_rate": 5e-3, "keep_checkpoints": 5,
-                     "autocast": "off", **train}  # float32: the tolerances are float32 rounding
+                     "autocast": "'off'", **train}  # float32: the tolerances are float32 rounding
         cfg = load_config(overrides=[
             f"run_dir={root / name}", f"model.name_or_path={model_dir}", "init.rank=8",
             *(f"train.{k}={v}" for k, v in overrides.items()),
