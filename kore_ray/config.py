@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -134,7 +135,9 @@ class TrainConfig(_Section):
     # bfloat16 autocast of forward and backward (weights and optimizer stay float32 on CPU).
     # auto: on where bfloat16 matmuls are fast, a GPU or a CPU with AMX or AVX512-BF16 (2-3x
     # faster steps there); elsewhere CPU bfloat16 is slower than float32, so auto leaves it off.
-    autocast: Literal["auto", "bfloat16", "off"] = "auto"
+    # (YAML reads a bare `off` as false: both mean off.)
+    autocast: Annotated[Literal["auto", "bfloat16", "off"],
+                        BeforeValidator(lambda v: "off" if v is False else v)] = "auto"
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp needs use_gpu
     activation_checkpointing: bool = False  # recompute in backward: less memory, ~30% slower
     checkpoint_every: PositiveInt = 50  # steps; the last step is always checkpointed
