@@ -54,12 +54,13 @@ def run_init(cfg: PipelineConfig, method: str | None = None, force: bool = False
     """Build `method`'s trainable model from the base (and the covariance store) and save it."""
     method = method or cfg.init.method
     spec = lookup(method)
-    out = RunDir(cfg.run_dir).init(method)
+    run = RunDir(cfg.run_dir)
+    out = run.init(method)
     model, _ = load_model(cfg.model.name_or_path, dtype="float32")  # init maths in fp32/fp64
     fingerprint = model_fingerprint(model)
     store = None
     if spec.needs_store:
-        store = load_store(RunDir(cfg.run_dir).covariance, expected_fingerprint=fingerprint)
+        store = load_store(run.covariance, expected_fingerprint=fingerprint)
     record = _stage_record(cfg, method, fingerprint, store)
     if not force and is_current(out / STAGE_RECORD, record):
         print(f"kore init: {out} is up to date ({method}); skipping")

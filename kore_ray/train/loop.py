@@ -148,7 +148,6 @@ def train_loop_per_worker(config: dict) -> None:
     vision = is_vision_language(model.config)
     # FSDP shards W_res and B: no whole merged weight to form, so PEFT's own forward.
     model = load_trainable(model, spec.init_dir, merged_forward=spec.train.strategy != "fsdp")
-
     if spec.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
