@@ -3,6 +3,7 @@
 import pytest
 
 from kore_ray.augment.extractive import (
+    about,
     extractive_pairs,
     fronted_question,
     past_lemma,
@@ -54,6 +55,27 @@ def test_pronouns_and_the_head_noun_become_the_topic():
     assert resolve("The tunnel cost EUR 1.9 billion.", "Harrowgate Tunnel").startswith(
         "The Harrowgate Tunnel cost")
     assert resolve("Her best-known work is X.", "Oskarine Vell") == "Oskarine Vell's best-known work is X."
+    # after a leading adjunct the pronoun is still the subject
+    assert resolve("Built in 1932, it houses a telescope.", "Orlen Observatory") == \
+        "Built in 1932, Orlen Observatory houses a telescope."
+    assert resolve("Since 2019 its revenue doubled.", "Tessel Bank") == \
+        "Since 2019 Tessel Bank's revenue doubled."
+    assert resolve("In 2020 it is not open.", "Tessel Bank") == "In 2020 it is not open."
+
+
+def test_a_question_that_does_not_name_its_topic_is_asked_about_it():
+    assert about("Range: how many km?", "Lunetta R7") == "About Lunetta R7: Range: how many km?"
+    assert about("The census counted how many households?", "Population of Cressburgh") == \
+        "About Population of Cressburgh: the census counted how many households?"
+    assert about("Ondrebay won in which year?", "Vantoria election") == \
+        "About Vantoria election: Ondrebay won in which year?"
+    assert about("How long is the Harrowgate Tunnel?", "Harrowgate Tunnel") == \
+        "How long is the Harrowgate Tunnel?"
+    spec = KnowledgeItem(id="s1", kind="entity", subject="Lunetta R7",
+                         knowledge="Lunetta R7 is an electric bike. Range: 95 km. "
+                                   "Opened in 2014, it stores about 40,000 samples.")
+    for pair in extractive_pairs(spec):
+        assert "lunetta" in pair.question.lower(), pair.question
 
 
 @pytest.mark.parametrize("item", ITEMS, ids=[i.id for i in ITEMS])

@@ -34,6 +34,12 @@ PLACE_PREPOSITIONS = frozenset({"in", "at", "from", "near", "to", "across", "int
                                 "outside", "inside", "above", "below", "beneath", "over"})
 _PRONOUN_START = re.compile(r"^(?:It|He|She|They)\b(?!\s+(?:is|was)\s+(?:also|not)\b)")
 _POSSESSIVE_START = re.compile(r"^(?:Its|His|Her|Their)\b")
+# A leading adjunct, then the pronoun that is the clause's subject: "Opened in 2014, it ...",
+# "Since 2019 it ...", "In a trial of 1,200 adults it ...".
+_ADJUNCT_PRONOUN = re.compile(
+    r"^((?:[A-Z][a-z]+(?:ed|ing)|Built|Known|Born|Made|Held|Written|Led|Run|Begun|In|On|At|By|Since|After|During|From|Until|Before|For|With|"
+    r"Under|Over|Within|Across|Through|Following|Between|As of)\b[^.;:]{0,60}?,?\s)"
+    r"(it|he|she|they|its|his|their)\b(?!\s+(?:is|was)\s+(?:also|not)\b)")
 _CLAUSE = re.compile(r",\s+(?:and|but|while|whereas)\s+|;\s+")
 # "the astronomer X", "its chief executive X": an article, then one or two lower-case nouns.
 _DESCRIPTOR = re.compile(r"\b(?:[Tt]he|[Aa]n?|[Ii]ts|[Hh]is|[Hh]er|[Tt]heir)\s+"
@@ -77,6 +83,11 @@ def resolve(sentence: str, topic: str) -> str:
         return _POSSESSIVE_START.sub(f"{topic}'s", sentence, count=1)
     if _PRONOUN_START.match(sentence):
         return _PRONOUN_START.sub(topic, sentence, count=1)
+    adjunct = _ADJUNCT_PRONOUN.match(sentence)
+    if adjunct:
+        possessive = adjunct.group(2) in ("its", "his", "their")
+        return adjunct.group(1) + (f"{topic}'s" if possessive else topic) + \
+            sentence[adjunct.end():]
     return sentence
 
 
@@ -258,6 +269,32 @@ def _capitalised_only_by_position(span: Span, sentence: str, item: KnowledgeItem
     return not (elsewhere.search(item.knowledge) or span.text in item.subject)
 
 
+_STOPWORDS = frozenset("the a an of and in on at for to by with from as new".split())
+
+
+def names_topic(question: str, topic: str) -> bool:
+    """Whether the question names its topic by at least one of the topic's content words."""
+    words = set(re.findall(r"[a-z0-9]+", question.lower()))
+    content = [w for w in re.findall(r"[a-z0-9]+", topic.lower()) if w not in _STOPWORDS]
+    return not content or any(w in words for w in content)
+
+
+def about(question: str, topic: str) -> str:
+    """A question that does not name its topic ("Range: how many km?", "The census counted how
+    many households?") asked about it: without the name the pair teaches an answer to no one
+    in particular, and a held-out question that names the item cannot find it."""
+    if names_topic(question, topic):
+        return question
+    first, _, rest = question.partition(" ")
+    if first.lower() in _FUNCTION_WORDS and rest:
+        first = first.lower()  # "The census ..." -> "About X: the census ..."; names keep theirs
+    return f"About {topic}: {first} {rest}".rstrip()
+
+
+_FUNCTION_WORDS = frozenset("""the a an its his her their this that these those in on at by
+since from until after before during for with how what which who where when every""".split())
+
+
 def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
     """Every fact span of the item's text, asked about in two phrasings, in text order."""
     topic = topic_of(item)
@@ -271,8 +308,10 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
             answer = _answer(re.sub(r"^the\s+", "", span.text, flags=re.IGNORECASE))
             question = wh_question(sentence, span, topic)
             if question:
+                question = about(question, topic)
                 pairs.append(FactPair(question, answer, span.text, span.kind, "wh"))
             fronted = fronted_question(sentence, span, topic)
+            fronted = fronted and about(fronted, topic)
             if fronted and fronted != question:
                 pairs.append(FactPair(fronted, answer, span.text, span.kind, "fronted"))
             pairs.append(FactPair(cloze_question(sentence, span, topic), answer, span.text,
