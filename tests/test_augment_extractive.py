@@ -63,6 +63,18 @@ def test_pronouns_and_the_head_noun_become_the_topic():
     assert resolve("In 2020 it is not open.", "Tessel Bank") == "In 2020 it is not open."
 
 
+def test_the_topic_is_in_the_texts_own_words():
+    record = KnowledgeItem(id="r1", kind="record", subject="Population of Cressburgh",
+                           knowledge="As of 2026, the city of Cressburgh has 318,450 residents. "
+                                     "She was elected mayor in 2024.")
+    assert topic_of(record) == "Cressburgh"  # "Population" is not a name the text has
+    pairs = extractive_pairs(record)
+    assert pairs and all(check_pair(p.question, p.answer, record.knowledge).ok for p in pairs)
+    # in a record "She" is a person the record mentions, not its topic
+    assert resolve("She was elected mayor in 2024.", "Cressburgh", persons=False) == \
+        "She was elected mayor in 2024."
+
+
 def test_a_question_that_does_not_name_its_topic_is_asked_about_it():
     assert about("Range: how many km?", "Lunetta R7") == "About Lunetta R7: Range: how many km?"
     assert about("The census counted how many households?", "Population of Cressburgh") == \

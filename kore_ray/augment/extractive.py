@@ -59,19 +59,21 @@ class FactPair:
 
 
 def topic_of(item: KnowledgeItem) -> str:
-    """The name the item is about: an entity's subject, or the first name of the text that the
-    subject contains ("Launch of the Quessar Orbital Telescope" -> "Quessar Orbital Telescope")."""
-    if item.kind != "news":
+    """The name the item is about, in the text's own words: the subject where the text says it,
+    else the longest name of the text that the subject contains ("Launch of the Quessar Orbital
+    Telescope" -> "Quessar Orbital Telescope", "Population of Cressburgh" -> "Cressburgh").
+    A subject's own words ("Launch", "Population") would be names the text does not have."""
+    if item.subject.lower() in item.knowledge.lower():
         return item.subject
-    for sentence in sentences(item.knowledge):
-        for span in fact_spans(sentence):
-            if span.kind == "name" and span.text.lower() in item.subject.lower():
-                return span.text
-    return item.subject
+    names = [span.text for sentence in sentences(item.knowledge) for span in fact_spans(sentence)
+             if span.kind == "name" and span.text.lower() in item.subject.lower()]
+    return max(names, key=len) if names else item.subject
 
 
-def resolve(sentence: str, topic: str) -> str:
-    """Replace a leading pronoun, possessive or "The <topic's head noun>" by the topic."""
+def resolve(sentence: str, topic: str, persons: bool = True) -> str:
+    """Replace a leading pronoun, possessive or "The <topic's head noun>" by the topic.
+    persons=False leaves he/she/his/her alone: in a record about a company's chief executive
+    "She" is the executive, not the company."""
     if topic.lower() in sentence.lower():
         return sentence
     head = topic.split()[-1].lower()
@@ -79,6 +81,8 @@ def resolve(sentence: str, topic: str) -> str:
     if the_head:
         name = topic if topic.lower().startswith("the ") else f"the {topic}"
         return name[0].upper() + name[1:] + sentence[the_head.end():]
+    if not persons and re.match(r"^(?:\S+.{0,60}?\s)?(?:he|she|his|her)\b", sentence, re.I):
+        return sentence
     if _POSSESSIVE_START.match(sentence):
         return _POSSESSIVE_START.sub(f"{topic}'s", sentence, count=1)
     if _PRONOUN_START.match(sentence):
@@ -300,7 +304,7 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
     topic = topic_of(item)
     pairs: list[FactPair] = []
     for raw in sentences(item.knowledge):
-        sentence = resolve(raw, topic)
+        sentence = resolve(raw, topic, persons=item.kind != "record")
         for span in fact_spans(sentence):
             if span.text.lower() in topic.lower() or span.kind == "number" and len(span.text) < 2 \
                     or _capitalised_only_by_position(span, sentence, item):
