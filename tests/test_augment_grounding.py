@@ -83,3 +83,15 @@ def test_precision_and_recall_on_hand_labelled_pairs():
     recall = kept_good / good
     assert precision >= 0.82, (precision, recall)
     assert recall >= 0.88, (precision, recall)
+
+
+@pytest.mark.parametrize("question, answer, target", [
+    ("How much does the plan cost a month?", "EUR 11.50.", "EUR 11.50."),
+    ("How many kilograms did it carry?", "340 kilograms.", "340 kilograms."),
+    ("By what percentage did symptoms fall?", "38%.", "38%."),
+    ("How many kilograms did it carry?", "340.", "340."),  # the answer's own words, no more
+])
+def test_a_number_keeps_the_currency_and_unit_the_answer_gives(question, answer, target):
+    text = "The plan costs EUR 11.50 a month. It carried 340 kilograms of freight. " \
+           "Symptoms fell by 38% in 2025 and later."
+    assert check_pair(question, answer, text).target == target

@@ -120,6 +120,31 @@ def _original_span(text: str, key: list[str]) -> str | None:
     return m.group().strip(" ,;:.!?\"'()“”") if m else None
 
 
+_CURRENCY_BEFORE = re.compile(r"(?:\b[A-Z]{3}|[$€£¥])\s?$")
+_UNIT_AFTER = re.compile(r"\s?(%|[a-z]+\b)")
+
+
+def _with_units(original: str, answer: str, text: str) -> str:
+    """A number's key span with the currency before it and the unit after it, where the answer
+    says them too ("How much does it cost?" -> "EUR 11.50", not "11.50"; "how many kilograms?"
+    -> "340 kilograms"): the question naming the unit does not make it surplus, and an answer
+    without it is a different answer (gold answers carry their units)."""
+    if not _NUMBER.search(original):
+        return original
+    m = re.search(rf"(?<!\w){re.escape(original)}(?!\w)", text)
+    if m is None:
+        return original
+    start, end = m.start(), m.end()
+    before = _CURRENCY_BEFORE.search(text[:start])
+    if before and re.search(rf"{re.escape(before.group().strip())}\s?{re.escape(original)}", answer):
+        start = before.start()
+    after = _UNIT_AFTER.match(text[end:])
+    if after and after.group(1) not in STOPWORDS and re.search(
+            rf"{re.escape(original)}\s?{re.escape(after.group(1))}", answer):
+        end += after.end()
+    return text[start:end]
+
+
 def invents(statement: str, text: str, skip_first: bool = False) -> bool:
     """Whether `statement` has a number or a name (a capitalised word) that `text` has not."""
     numbers = set(_NUMBER.findall(text))
@@ -199,5 +224,6 @@ def check_pair(question: str, answer: str, text: str) -> Verdict:
             relation & stems and _contains(_tokens(s), key)
             for s, stems in zip(sentences(text), in_text)):
         return Verdict(False, "wrong_sentence")
+    original = _with_units(original, answer, text)
     target = original[0].upper() + original[1:]
     return Verdict(True, "ok", original, target if target.endswith((".", "!", "?")) else f"{target}.")
