@@ -19,6 +19,12 @@ def test_words_ignore_case_punctuation_and_order():
     assert jaccard(words("a b c d"), words("a b c e")) == 3 / 5
 
 
+def test_a_reordered_question_is_a_new_question():
+    wh = conv("1", "qa", ("X has received how much from the fund?", "EUR 4.2 million."))
+    fronted = conv("2", "qa", ("How much has X received from the fund?", "EUR 4.2 million."))
+    assert drop_near_duplicates([wh, fronted]) == ([wh, fronted], 0)
+
+
 def test_same_answer_different_questions_are_kept():
     convs = [conv("1", "qa", ("Who won the Lunar Cup?", FACT)),
              conv("2", "qa", ("What is the latest news about Zorblax FC?", FACT))]
