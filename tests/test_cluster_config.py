@@ -22,6 +22,15 @@ def test_cluster_yaml_is_a_valid_launcher_config():
     assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
 
 
+def test_the_local_autoscaling_cluster_config_is_valid():
+    # configs/local_cluster.yaml (scripts/local_cluster.sh): the fake multi-node provider's
+    # defaults file is not in the wheel, so it is validated as written, every field present
+    config = yaml.safe_load((ROOT / "configs" / "local_cluster.yaml").read_text())
+    validate_config(config)
+    assert config["provider"]["type"] == "fake_multinode"
+    assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
+
+
 @pytest.mark.parametrize("typo", ["min_worker", "resource"])
 def test_a_typo_in_a_node_type_is_refused(typo):
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
