@@ -23,9 +23,9 @@ def test_cluster_yaml_is_a_valid_launcher_config():
 
 
 def test_the_local_autoscaling_cluster_config_is_valid():
-    # configs/local_cluster.yaml (scripts/local_cluster.sh): the fake multi-node provider's
+    # scripts/local_cluster.yaml (local_cluster.sh): the fake multi-node provider's
     # defaults file is not in the wheel, so it is validated as written, every field present
-    config = yaml.safe_load((ROOT / "configs" / "local_cluster.yaml").read_text())
+    config = yaml.safe_load((ROOT / "scripts" / "local_cluster.yaml").read_text())
     validate_config(config)
     assert config["provider"]["type"] == "fake_multinode"
     assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
