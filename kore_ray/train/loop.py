@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -113,6 +114,13 @@ def fsdp_kwargs(model: torch.nn.Module) -> dict:
     }
 
 
+def _say(line: str) -> None:
+    """One progress line to the worker's real stdout (Ray forwards it to the driver). A plain
+    print is patched by Ray Train to go to its logger and, because Ray wraps sys.stdout, to
+    stdout as well: every line reached the terminal twice."""
+    print(line, file=sys.__stdout__, flush=True)
+
+
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(tensor)
     return tensor
@@ -182,7 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
     dtype = getattr(torch, spec.dtype)
     amp = autocast_dtype(spec.train.autocast, device)
     if rank == 0 and spec.progress and amp is not None:
-        print(f"kore train: {str(amp).removeprefix('torch.')} autocast on {device.type}", flush=True)
+        _say(f"kore train: {str(amp).removeprefix('torch.')} autocast on {device.type}")
     every_print = max(1, spec.total_steps // 20)
     step, clock, cpu_clock = start, time.perf_counter(), time.process_time()
     for batch in batches:
@@ -214,9 +222,8 @@ def train_loop_per_worker(config: dict) -> None:
         if log is not None:
             log.write(record)
             if spec.progress and (step % every_print == 0 or step == spec.total_steps):
-                print(f"kore train: step {step}/{spec.total_steps} loss {stats.loss:.4f} "
-                      f"lr {stats.lr:.2e} {record['tokens_per_s']:,.0f} tokens/s",
-                      flush=True)
+                _say(f"kore train: step {step}/{spec.total_steps} loss {stats.loss:.4f} "
+                     f"lr {stats.lr:.2e} {record['tokens_per_s']:,.0f} tokens/s")
         if step % spec.train.checkpoint_every == 0 or step == spec.total_steps:
             _report(model, optimizer, scheduler, names, step, record, rank)
         if spec.after_step is not None:
