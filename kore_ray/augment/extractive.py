@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kore_ray.augment.spans import Span, fact_spans, sentences
+from kore_ray.augment.spans import FUNCTION_WORDS, Span, fact_spans, sentences
 from kore_ray.data.schemas import KnowledgeItem
 
 # The last word of a name that says what kind of thing it is ("the Tarrowin Spaceport" ->
@@ -37,8 +37,9 @@ _POSSESSIVE_START = re.compile(r"^(?:Its|His|Her|Their)\b")
 # A leading adjunct, then the pronoun that is the clause's subject: "Opened in 2014, it ...",
 # "Since 2019 it ...", "In a trial of 1,200 adults it ...".
 _ADJUNCT_PRONOUN = re.compile(
-    r"^((?:[A-Z][a-z]+(?:ed|ing)|Built|Known|Born|Made|Held|Written|Led|Run|Begun|In|On|At|By|Since|After|During|From|Until|Before|For|With|"
-    r"Under|Over|Within|Across|Through|Following|Between|As of)\b[^.;:]{0,60}?,?\s)"
+    r"^((?:[A-Z][a-z]+(?:ed|ing)|Built|Known|Born|Made|Held|Written|Led|Run|Begun|In|On|At|By|"
+    r"Since|After|During|From|Until|Before|For|With|Under|Over|Within|Across|Through|"
+    r"Following|Between|As of)\b[^.;:]{0,60}?,?\s)"
     r"(it|he|she|they|its|his|their)\b(?!\s+(?:is|was)\s+(?:also|not)\b)")
 _CLAUSE = re.compile(r",\s+(?:and|but|while|whereas)\s+|;\s+")
 # "the astronomer X", "its chief executive X": an article, then one or two lower-case nouns.
@@ -273,13 +274,14 @@ def _capitalised_only_by_position(span: Span, sentence: str, item: KnowledgeItem
     return not (elsewhere.search(item.knowledge) or span.text in item.subject)
 
 
-_STOPWORDS = frozenset("the a an of and in on at for to by with from as new".split())
+# Topic words that name nothing on their own ("the", "of"; "New" in "New opening hours").
+_NOT_NAMING = FUNCTION_WORDS | {"new"}
 
 
 def names_topic(question: str, topic: str) -> bool:
     """Whether the question names its topic by at least one of the topic's content words."""
     words = set(re.findall(r"[a-z0-9]+", question.lower()))
-    content = [w for w in re.findall(r"[a-z0-9]+", topic.lower()) if w not in _STOPWORDS]
+    content = [w for w in re.findall(r"[a-z0-9]+", topic.lower()) if w not in _NOT_NAMING]
     return not content or any(w in words for w in content)
 
 
@@ -290,13 +292,9 @@ def about(question: str, topic: str) -> str:
     if names_topic(question, topic):
         return question
     first, _, rest = question.partition(" ")
-    if first.lower() in _FUNCTION_WORDS and rest:
+    if first.lower() in FUNCTION_WORDS and rest:
         first = first.lower()  # "The census ..." -> "About X: the census ..."; names keep theirs
     return f"About {topic}: {first} {rest}".rstrip()
-
-
-_FUNCTION_WORDS = frozenset("""the a an its his her their this that these those in on at by
-since from until after before during for with how what which who where when every""".split())
 
 
 def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:

@@ -136,7 +136,8 @@ def _with_units(original: str, answer: str, text: str) -> str:
         return original
     start, end = m.start(), m.end()
     before = _CURRENCY_BEFORE.search(text[:start])
-    if before and re.search(rf"{re.escape(before.group().strip())}\s?{re.escape(original)}", answer):
+    currency = before and re.escape(before.group().strip())
+    if before and re.search(rf"{currency}\s?{re.escape(original)}", answer):
         start = before.start()
     after = _UNIT_AFTER.match(text[end:])
     if after and after.group(1) not in STOPWORDS and re.search(
