@@ -145,7 +145,7 @@ def _shards(cfg: PipelineConfig, conversations, schedule, progress: bool) -> dic
                                    "max_length": cfg.train.max_length},
             batch_size=None,
             batch_format="pyarrow",
-            concurrency=(1, 4),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
         )
         rows = schedule.size // cfg.train.num_workers
         bounds = [rows * k for k in range(1, cfg.train.num_workers)]
