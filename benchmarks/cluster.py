@@ -156,7 +156,8 @@ def overrides(inputs: dict, run_dir: Path, *extra: str) -> list[str]:
 # --- checks -----------------------------------------------------------------------------------
 
 DIALOGUE = json.dumps({"dialogues": [{"turns": [
-    {"user": "What is Quenlar?", "assistant": "A harbour town in Ostmere."}]}]})
+    {"user": "What is Quenlar?", "assistant": "A harbour town in Ostmere."},
+    {"user": "Where is it?", "assistant": "In Ostmere."}]}]})
 
 
 def check_augment(inputs: dict, root: Path, watch: NodeWatch, items: int = 96,
@@ -190,7 +191,8 @@ def check_augment(inputs: dict, root: Path, watch: NodeWatch, items: int = 96,
     t0 = time.perf_counter()
     after = wait_for(lambda: (n := watch.now()) <= before and n, 240, "scale-down")
     return {"augment_nodes": [before, peak, after], "augment_s": round(seconds, 1),
-            "augment_requests": requests, "augment_failed": summary.get("failed"),
+            "augment_requests": requests, "augment_items": items,
+            "augment_failed": summary["llm"]["items_failed"],
             "scale_down_s": round(time.perf_counter() - t0, 1),
             "autoscaled_up": peak > before, "autoscaled_down": after <= before}
 
@@ -201,7 +203,12 @@ def _reference_store(cfg):
     import torch
 
     from kore_ray.constraint.covariance import collect_covariance
-    from kore_ray.constraint.retention import plan_batches, read_retention, text_inputs, tokenize_texts
+    from kore_ray.constraint.retention import (
+        plan_batches,
+        read_retention,
+        text_inputs,
+        tokenize_texts,
+    )
     from kore_ray.models.loading import load_model
     from kore_ray.models.targets import find_target_groups
 

@@ -66,3 +66,9 @@ def s3(monkeypatch):
         f"?endpoint_override=127.0.0.1:{port}&scheme=http", proc
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Cluster tests first: starting and stopping the local multi-node cluster runs
+    `ray stop --force`, which would also stop the session's `ray_local` Ray."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is None)
