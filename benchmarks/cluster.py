@@ -414,7 +414,8 @@ def check_jobs(inputs: dict, root: Path) -> dict:
                                  logs / f"{stage}.log")
     statuses["inject"] = submit(f"python jobs/inject.py --config {configs['inject']}",
                                 logs / "inject.log")
-    head = {n["NodeID"] for n in __import__("ray").nodes() if n["Resources"].get("CPU", 0) == 0}
+    head = {n["NodeID"] for n in __import__("ray").nodes()
+            if "node:__internal_head__" in n["Resources"]}
     serve_nodes = _actor_nodes("KoreLLM", before)
     answered = []
     for name in ("stages", "inject"):

@@ -17,6 +17,7 @@ STAGES = {
     "serve": "Serve the base model and its adapters (Ray Serve + vLLM, OpenAI API).",
     "evaluate": "Measure adaptation (CEM, F1) and retention through the served endpoint.",
     "inject": "Run the whole pipeline from a config.",
+    "continual": "Inject knowledge batch after batch: versions that protect the earlier ones, gated.",
 }
 
 
@@ -98,6 +99,16 @@ def _inject(args) -> int:
     return 0
 
 
+def _continual(args) -> int:
+    from kore_ray.config import load_config
+    from kore_ray.continual.continual_stage import run_continual
+
+    if args.config_file and args.config:
+        raise KoreError("give the config once: `kore continual CONFIG` or `--config CONFIG`")
+    run_continual(load_config(args.config_file or args.config, args.set))
+    return 0
+
+
 def _demo(args) -> int:
     from kore_ray.demo import run_demo
 
@@ -128,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     handlers = {"augment": _augment, "covariance": _covariance, "init": _init, "train": _train,
-                "export": _export, "serve": _serve, "evaluate": _evaluate, "inject": _inject}
+                "export": _export, "serve": _serve, "evaluate": _evaluate, "inject": _inject,
+                "continual": _continual}
     parsers = {
         name: add(name, help_, handlers[name])
         for name, help_ in STAGES.items()
@@ -147,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", metavar="DIR", help="export this checkpoint (default: the run's latest)")
     parsers["evaluate"].add_argument(
         "--base-url", help="an endpoint already serving this run's adapters (default: start one)")
-    parsers["inject"].add_argument("config_file", nargs="?", metavar="CONFIG", help="pipeline config")
+    for name in ("inject", "continual"):
+        parsers[name].add_argument("config_file", nargs="?", metavar="CONFIG", help="pipeline config")
     add("demo", "The whole pipeline on the embedded default (Gemma 3 270M, local Ray).", _demo)
     v = sub.add_parser(
         "validate", help="Check an input file against its schema; lists every bad row.",
@@ -164,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "validate":  # every other command runs on Ray
+        from kore_ray.logs import quiet_driver
+
+        quiet_driver()
     try:
         return args.func(args)
     except KoreError as e:

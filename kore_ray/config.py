@@ -184,6 +184,30 @@ class EvaluateConfig(_Section):
     max_new_tokens: PositiveInt = 16
 
 
+class ContinualBatch(_Section):
+    name: str  # for people: "2026-12-01", "day 2"
+    knowledge: str  # KnowledgeItem JSONL/Parquet of this batch
+    eval_questions: str  # EvalQuestion JSONL/Parquet about this batch's items
+
+
+class GateConfig(_Section):
+    """A version is published only if it meets every threshold that is set (None: not checked)."""
+
+    min_retention: float | None = Field(0.8, ge=0, le=1)  # of the base's known facts
+    min_adaptation: float | None = Field(None, ge=0, le=1)  # CEM on the version's own batch
+    max_drop: float | None = Field(0.05, ge=0, le=1)  # CEM lost on any earlier batch
+
+
+class ContinualConfig(_Section):
+    """`kore continual`: knowledge in ordered batches, one version per batch and track."""
+
+    batches: list[ContinualBatch] = []
+    # kore: null space of retention + earlier batches; kore_no_history: of retention only
+    # (the ablation); lora: sequential LoRA. See kore_ray/continual/continual_stage.py.
+    tracks: list[Literal["kore", "kore_no_history", "lora"]] = ["kore", "kore_no_history", "lora"]
+    gate: GateConfig = GateConfig()
+
+
 class PipelineConfig(_Section):
     # A local path, or on a cluster a filesystem every node mounts (NFS, EFS, ...): the stages
     # use plain file I/O and Ray Train keeps its checkpoints there. Not an object-store URI.
@@ -196,6 +220,7 @@ class PipelineConfig(_Section):
     train: TrainConfig = TrainConfig()
     serve: ServeConfig = ServeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    continual: ContinualConfig = ContinualConfig()
     # Per-method overrides of any section, e.g. {lora: {train: {learning_rate: 1e-4}}}: methods
     # are compared at their own best settings (the adaptation/retention frontier), not one shared.
     methods: dict[Method, dict] = {}

@@ -11,6 +11,7 @@ never spell one. Layout (relative to `run_dir` in the config, a local or shared 
   checkpoints/<run name>/           Ray Train's checkpoints (train)
   adapter/<method>/                 the trained model as a plain LoRA (train, export)
   eval/results.json, report.md, predictions.parquet, adaptation_retention.png   (evaluate)
+  continual/...                     `kore continual`'s versions (ContinualDir)
 
 Every artifact directory is written whole or not at all (`atomic_directory`), and carries a
 record (a JSON dict of what made it: model fingerprint, settings, data fingerprints). A stage
@@ -119,6 +120,56 @@ class RunDir:
     @property
     def plot(self) -> Path:
         return self.eval / "adaptation_retention.png"
+
+
+class ContinualDir:
+    """The paths of `kore continual` (kore_ray/continual/) under a run directory:
+
+      continual/batches/b<k>/            batch k's augmentation (a RunDir), shared by tracks
+      continual/<track>/v<k>/            version k's stages (a RunDir), model/ = base + stack_k
+      continual/adapters/<track>-v<k>/   stack_k: the LoRA of version k for the unmodified base
+      continual/published/<track>-v<k>/  the versions that passed the gate: serve this
+      continual/eval/matrix.json, report.md, adaptation_by_version.png
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root) / "continual"
+
+    def batch(self, k: int) -> Path:
+        return self.root / "batches" / f"b{k}"
+
+    def version(self, track: str, k: int) -> Path:
+        return self.root / track / f"v{k}"
+
+    def model(self, track: str, k: int) -> Path:
+        return self.version(track, k) / "model"
+
+    @property
+    def adapters(self) -> Path:
+        return self.root / "adapters"
+
+    def adapter(self, track: str, k: int) -> Path:
+        return self.adapters / f"{track}-v{k}"
+
+    @property
+    def published(self) -> Path:
+        return self.root / "published"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def matrix(self) -> Path:
+        return self.eval / "matrix.json"
+
+    @property
+    def report(self) -> Path:
+        return self.eval / "report.md"
+
+    @property
+    def plot(self) -> Path:
+        return self.eval / "adaptation_by_version.png"
 
 
 def run_name(run_dir: str | os.PathLike, method: str, name: str | None = None) -> str:

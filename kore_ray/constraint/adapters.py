@@ -244,7 +244,7 @@ def export_lora(
     module did not record (CorDA, PiSSA, ...) are refused.
     """
     init = peft_model.peft_config[ADAPTER].init_lora_weights
-    tensors, ranks = {}, {}
+    factors = {}
     for name, layer in _lora_layers(peft_model):
         a = layer.lora_A[ADAPTER].weight.detach()
         b = layer.lora_B[ADAPTER].weight.detach() * layer.scaling[ADAPTER]
@@ -260,12 +260,26 @@ def export_lora(
             raise InputError(
                 f"cannot export a LoRA initialised with {init!r}: its base weights were modified"
             )
-        prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = a_out.contiguous().cpu()
-        tensors[f"{prefix}.lora_B.weight"] = b_out.contiguous().cpu()
-        ranks[name] = a_out.shape[0]
-    if not ranks:
+        factors[name] = (a_out, b_out)
+    meta = getattr(peft_model, "kore_meta", {"method": "lora"})
+    return write_lora(factors, directory, base_model_name_or_path, {
+        "method": meta["method"], "model_fingerprint": meta.get("model_fingerprint")})
+
+
+def write_lora(
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], directory: str | os.PathLike,
+    base_model_name_or_path: str, manifest: dict,
+) -> Path:
+    """A plain PEFT LoRA directory, scaling 1, from {module: (A, B)}; ranks may differ per
+    module (rank_pattern). `manifest` joins the written manifest.json."""
+    if not factors:
         raise InputError("model has no LoRA layers to export")
+    tensors, ranks = {}, {}
+    for name, (a, b) in factors.items():
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = a.contiguous().cpu()
+        tensors[f"{prefix}.lora_B.weight"] = b.contiguous().cpu()
+        ranks[name] = a.shape[0]
     default = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {m: r for m, r in sorted(ranks.items()) if r != default}
     config = {
@@ -286,13 +300,12 @@ def export_lora(
     }
     if pattern:  # scaling stays 1 per module: alpha follows rank
         config["rank_pattern"], config["alpha_pattern"] = pattern, dict(pattern)
-    meta = getattr(peft_model, "kore_meta", {"method": "lora"})
-    manifest = {
+    record = {
         "version": FORMAT_VERSION,
         "kind": "lora-export",
-        "method": meta["method"],
-        "model_fingerprint": meta.get("model_fingerprint"),
+        "method": "lora",
         "base_model_name_or_path": str(base_model_name_or_path),
+        **manifest,
         # What the server must allow (serve.max_lora_rank >= max); modules differ for matched
         # per-group LoRA ranks.
         "exported_rank": {"min": min(ranks.values()), "max": max(ranks.values())},
@@ -300,7 +313,7 @@ def export_lora(
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        (tmp / MANIFEST).write_text(json.dumps(record, indent=2, sort_keys=True))
     return Path(directory)
 
 

@@ -26,6 +26,7 @@ from ray import serve
 
 from kore_ray.config import PipelineConfig, ServeConfig
 from kore_ray.errors import InputError
+from kore_ray.logs import replica_env, serve_logging
 from kore_ray.run_dir import RunDir
 from kore_ray.serve.adapters import AdapterError, AdapterRegistry, check_name, is_uri
 from kore_ray.serve.prompts import chat_prompt
@@ -228,13 +229,16 @@ class KoreLLM:
 def build_app(cfg: PipelineConfig):
     """The Serve application for `cfg` (autoscaling and replica resources from cfg.serve)."""
     s = cfg.serve
+    env = replica_env()
+    if s.cpu_reserved_cores is not None and not s.use_gpu:
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(s.cpu_reserved_cores)
     return KoreLLM.options(
         max_ongoing_requests=s.max_ongoing_requests,
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                             "target_ongoing_requests": s.target_ongoing_requests},
-        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": 1 if s.use_gpu else 0, **(
-            {"runtime_env": {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(s.cpu_reserved_cores)}}}
-            if s.cpu_reserved_cores is not None and not s.use_gpu else {})},
+        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": 1 if s.use_gpu else 0,
+                           **({"runtime_env": {"env_vars": env}} if env else {})},
+        **({"logging_config": serve_logging()} if serve_logging() else {}),
     ).bind(replica_args(cfg))
 
 

@@ -1,0 +1,1 @@
+"""Continual injection: knowledge in batches, versions that protect the earlier ones."""
