@@ -422,7 +422,10 @@ def check_jobs(inputs: dict, root: Path) -> dict:
         results = json.loads((root / f"job_{name}" / "eval" / "results.json").read_text())
         answered.append(all(r["counts"]["failed_requests"] == 0 and r["counts"]["questions"] > 0
                             for r in [results["base"], *results["methods"].values()]))
+    lines = (logs / "inject.log").read_text().splitlines()
     return {"job_status": statuses["inject"], "stage_job_status": statuses,
+            "inject_log_lines": len(lines),
+            "inject_log_info_lines": sum(" INFO " in line or "INFO " in line for line in lines),
             "serve_nodes": len(serve_nodes), "serve_on_worker_node": bool(serve_nodes) and not
             serve_nodes & head, "evaluation_answered": all(answered)}
 

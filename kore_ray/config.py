@@ -38,8 +38,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in a YAML key is an error, not a no-op
 
 
+def _absolute_model_path(spec: str) -> str:
+    """A local model directory as an absolute path: Ray Train workers run in a directory of
+    their own, where a relative path names nothing."""
+    from kore_ray.models.gemma import NAME
+
+    if spec == NAME or "://" in spec or not Path(spec).expanduser().exists():
+        return spec  # embedded, a URI, or missing (refused with a clear error when loaded)
+    return str(Path(spec).expanduser().resolve())
+
+
 class ModelConfig(_Section):
-    name_or_path: str = "gemma-3-270m"  # embedded name, HF directory or object-store URI
+    # embedded name, HF directory (made absolute) or object-store URI
+    name_or_path: Annotated[str, AfterValidator(_absolute_model_path)] = "gemma-3-270m"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 

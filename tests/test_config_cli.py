@@ -110,3 +110,13 @@ def test_an_export_the_server_cannot_load_is_refused_before_training():
     big = load_config(overrides=["serve.max_lora_rank=64", "methods={kore: {init: {rank: 128}}}"])
     with pytest.raises(InputError, match="kore exports rank 128"):
         big.check_servable(["kore"])
+
+
+def test_a_relative_local_model_path_becomes_absolute(tmp_path, monkeypatch):
+    """Ray Train workers run in a directory of their own: a relative path would name nothing."""
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_config(overrides=["model.name_or_path=my-model"]).model.name_or_path == str(
+        tmp_path / "my-model")
+    for kept in ("gemma-3-270m", "s3://bucket/model", "not-here"):
+        assert load_config(overrides=[f"model.name_or_path={kept}"]).model.name_or_path == kept

@@ -87,7 +87,7 @@ def batch_config(cfg: PipelineConfig, cdir: ContinualDir, k: int, batch: Continu
 def version_config(cfg: PipelineConfig, cdir: ContinualDir, track: str, k: int,
                    batch: ContinualBatch) -> PipelineConfig:
     mcfg = cfg.for_method(TRACKS[track].method)
-    model = cfg.model.name_or_path if k == 1 else str(cdir.model(track, k - 1))
+    model = cfg.model.name_or_path if k == 1 else str(cdir.model(track, k - 1).resolve())
     return _with(mcfg, run_dir=str(cdir.version(track, k)), model={"name_or_path": model},
                  data={"knowledge": batch.knowledge, "eval_questions": batch.eval_questions})
 
