@@ -30,5 +30,6 @@ def replica_env() -> dict[str, str]:
 
 
 def serve_logging() -> dict | None:
-    """A deployment's Serve logging_config: no access-log line per request on the console."""
+    """Serve's logging_config (its controller and proxies, and each deployment): warnings
+    only, no access-log line per request on the console."""
     return None if verbose() else {"log_level": "WARNING", "enable_access_log": False}

@@ -257,7 +257,8 @@ def run_serve(cfg: PipelineConfig, blocking: bool = True) -> str:
     app = build_app(cfg)  # refuses a missing auth token before anything starts
     if not ray.is_initialized():
         ray.init()
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port},
+                **({"logging_config": serve_logging()} if serve_logging() else {}))
     serve.run(app, name=APP, route_prefix="/")
     url = base_url(cfg)
     if blocking:
