@@ -129,7 +129,7 @@ class ContinualDir:
       continual/<track>/v<k>/            version k's stages (a RunDir), model/ = base + stack_k
       continual/adapters/<track>-v<k>/   stack_k: the LoRA of version k for the unmodified base
       continual/published/<track>-v<k>/  the versions that passed the gate: serve this
-      continual/eval/matrix.json, report.md, adaptation_by_version.png
+      continual/eval/results.json (the matrix), report.md, adaptation_by_version.png
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -161,7 +161,7 @@ class ContinualDir:
 
     @property
     def matrix(self) -> Path:
-        return self.eval / "matrix.json"
+        return self.eval / "results.json"
 
     @property
     def report(self) -> Path:

@@ -11,7 +11,7 @@ gate then compares with the thresholds in continual.gate:
 
 A version that passes is copied to continual/published/ (serve that directory); one that
 fails stays in continual/adapters/ and the report names the thresholds it missed. The scores
-are kept (matrix.json) and the verdicts recomputed on every run, so new thresholds re-gate
+are kept (results.json) and the verdicts recomputed on every run, so new thresholds re-gate
 the versions without serving them again (and withdraw a published one that now fails).
 """
 
