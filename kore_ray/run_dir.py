@@ -189,6 +189,15 @@ def read_record(path: str | os.PathLike) -> dict | None:
         return None
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """A file's content fingerprint (sha256, 16 hex digits), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def is_current(path: str | os.PathLike, record: dict) -> bool:
     """Whether the artifact whose record is at `path` was made from `record`: every entry of
     `record` is in the stored one with the same value (a manifest also says other things)."""

@@ -40,7 +40,7 @@ def _batch(tmp_path: Path, k: int) -> dict:
 
 def _stamps(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))
-            if p.is_file() and "/adapter/" in str(p) or p.name == "model.safetensors"}
+            if p.is_file() and ("/adapter/" in str(p) or p.name == "model.safetensors")}
 
 
 def test_versions_crash_resume_skip_and_regate(ray_local, tmp_path, monkeypatch, capsys):

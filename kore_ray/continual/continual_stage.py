@@ -28,11 +28,10 @@ lineage is the order the batches arrived in; the gate only decides what is publi
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kore_ray.config import ContinualBatch, PipelineConfig
@@ -43,6 +42,7 @@ from kore_ray.run_dir import (
     ContinualDir,
     RunDir,
     atomic_directory,
+    file_digest,
     is_current,
     write_record,
 )
@@ -63,10 +63,6 @@ TRACKS = {
 
 def _say(message: str) -> None:
     print(f"kore continual: {message}", flush=True)
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _with(cfg: PipelineConfig, **sections) -> PipelineConfig:
@@ -102,8 +98,6 @@ def _covariance(vcfg: PipelineConfig, cdir: ContinualDir, track: str, k: int) ->
     run_covariance(retention, progress=False)
     earlier = cdir.version(track, k) / "earlier_conversations.parquet"
     tables = [pq.read_table(RunDir(cdir.batch(j)).conversations) for j in range(1, k)]
-    import pyarrow as pa
-
     pq.write_table(pa.concat_tables(tables, promote_options="default"), earlier)
     both = _with(vcfg, data={"retention": str(earlier)},
                  covariance={"add_to": str(RunDir(retention.run_dir).covariance)})
@@ -114,7 +108,7 @@ def _stack_and_merge(cfg: PipelineConfig, cdir: ContinualDir, track: str, k: int
     method = TRACKS[track].method
     parts = [RunDir(cdir.version(track, j)).adapter(method) for j in range(1, k + 1)]
     record = {"stacked": [str(p) for p in parts],
-              "digests": [_digest(p / "adapter_model.safetensors") for p in parts],
+              "digests": [file_digest(p / "adapter_model.safetensors") for p in parts],
               "max_rank": cfg.serve.max_lora_rank}
     out = cdir.adapter(track, k)
     if not is_current(out / STAGE_RECORD, record):
@@ -126,7 +120,7 @@ def _stack_and_merge(cfg: PipelineConfig, cdir: ContinualDir, track: str, k: int
                  f"({cfg.serve.max_lora_rank}) in {made['recompressed_modules']} modules: "
                  f"re-compressed, worst relative error {made['recompression_max_rel_error']:.2e}")
     model_dir = cdir.model(track, k)
-    merged = {"stack": _digest(out / "adapter_model.safetensors"), "base": cfg.model.name_or_path}
+    merged = {"stack": file_digest(out / "adapter_model.safetensors"), "base": cfg.model.name_or_path}
     if not is_current(model_dir / STAGE_RECORD, merged):
         from kore_ray.models.loading import load_model
 
@@ -148,7 +142,7 @@ def train_version(cfg: PipelineConfig, cdir: ContinualDir, track: str, k: int,
     vcfg = version_config(cfg, cdir, track, k, batch)
     conversations = RunDir(vcfg.run_dir).conversations
     source = RunDir(cdir.batch(k)).conversations
-    if not conversations.is_file() or _digest(conversations) != _digest(source):
+    if not conversations.is_file() or file_digest(conversations) != file_digest(source):
         conversations.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, conversations)
     if METHODS[method].needs_store:

@@ -17,19 +17,13 @@ the versions without serving them again (and withdraw a published one that now f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-from pathlib import Path
 
 from kore_ray.config import PipelineConfig
 from kore_ray.data.io import read_records
 from kore_ray.data.schemas import EvalQuestion, KnowledgeItem, RetentionProbe
-from kore_ray.run_dir import ContinualDir, atomic_directory, atomic_write, read_record
-
-
-def _digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+from kore_ray.run_dir import ContinualDir, atomic_directory, atomic_write, file_digest, read_record
 
 
 def _questions(cfg: PipelineConfig, k: int) -> dict[int, list[EvalQuestion]]:
@@ -61,7 +55,7 @@ def _publish(cdir: ContinualDir, track: str, k: int, passed: bool) -> None:
     if not passed:
         shutil.rmtree(dest, ignore_errors=True)
         return
-    if dest.is_dir() and _digest(dest / "adapter_model.safetensors") == _digest(
+    if dest.is_dir() and file_digest(dest / "adapter_model.safetensors") == file_digest(
             source / "adapter_model.safetensors"):
         return
     with atomic_directory(dest) as tmp:
@@ -78,10 +72,10 @@ def evaluate_round(cfg: PipelineConfig, cdir: ContinualDir, k: int) -> dict:
 
     c = cfg.continual
     names = [f"{t}-v{k}" for t in c.tracks]
-    inputs = {"adapters": {n: _digest(cdir.adapter(t, k) / "adapter_model.safetensors")
+    inputs = {"adapters": {n: file_digest(cdir.adapter(t, k) / "adapter_model.safetensors")
                            for n, t in zip(names, c.tracks)},
-              "questions": [_digest(b.eval_questions) for b in c.batches[:k]],
-              "retention_eval": _digest(cfg.data.retention_eval)}
+              "questions": [file_digest(b.eval_questions) for b in c.batches[:k]],
+              "retention_eval": file_digest(cfg.data.retention_eval)}
     matrix = read_record(cdir.matrix) or {"rounds": {}}
     done = matrix["rounds"].get(str(k))
     if done is not None and done["inputs"] == inputs:

@@ -7,7 +7,6 @@ as completions, all greedy.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,7 +19,7 @@ from kore_ray.evaluate.ask import ask
 from kore_ray.evaluate.report import write_report
 from kore_ray.evaluate.score import prediction_rows, score_all
 from kore_ray.methods import METHODS
-from kore_ray.run_dir import MANIFEST, RunDir, is_current, read_record
+from kore_ray.run_dir import MANIFEST, RunDir, file_digest, is_current, read_record
 
 
 def _chat(question: str) -> str:
@@ -38,22 +37,14 @@ def build_requests(models: list[str], questions: list[EvalQuestion],
     return rows
 
 
-def _digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def evaluation_inputs(cfg: PipelineConfig, methods: list[str]) -> dict:
     """What the results depend on: a re-run with the same inputs reuses eval/results.json."""
     return {
         "model": cfg.model.name_or_path,
         "max_new_tokens": cfg.evaluate.max_new_tokens,
-        "adapters": {m: _digest(RunDir(cfg.run_dir).adapter(m) / "adapter_model.safetensors")
+        "adapters": {m: file_digest(RunDir(cfg.run_dir).adapter(m) / "adapter_model.safetensors")
                      for m in methods},
-        "data": {k: _digest(getattr(cfg.data, k)) for k in ("knowledge", "eval_questions", "retention_eval")},
+        "data": {k: file_digest(getattr(cfg.data, k)) for k in ("knowledge", "eval_questions", "retention_eval")},
     }
 
 
