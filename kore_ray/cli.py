@@ -95,7 +95,12 @@ def _inject(args) -> int:
 
     if args.config_file and args.config:
         raise KoreError("give the config once: `kore inject CONFIG` or `--config CONFIG`")
-    run_inject(load_config(args.config_file or args.config, args.set), args.method)
+    cfg = load_config(args.config_file or args.config, args.set)
+    if args.dry_run:
+        from kore_ray.dry_run import dry_run
+
+        return dry_run(cfg, args.method)
+    run_inject(cfg, args.method)
     return 0
 
 
@@ -161,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-url", help="an endpoint already serving this run's adapters (default: start one)")
     for name in ("inject", "continual"):
         parsers[name].add_argument("config_file", nargs="?", metavar="CONFIG", help="pipeline config")
+    parsers["inject"].add_argument(
+        "--dry-run", action="store_true",
+        help="check the config, every input file and the model; print each stage's plan and "
+             "cost; train nothing")
     add("demo", "The whole pipeline on the embedded default (Gemma 3 270M, local Ray).", _demo)
     v = sub.add_parser(
         "validate", help="Check an input file against its schema; lists every bad row.",
@@ -177,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "validate":  # every other command runs on Ray
+    if args.command != "validate" and not getattr(args, "dry_run", False):  # these run on Ray
         from kore_ray.logs import quiet_driver
 
         quiet_driver()

@@ -1,5 +1,6 @@
 """The typed config and the `kore` command line."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,69 @@ def test_a_relative_local_model_path_becomes_absolute(tmp_path, monkeypatch):
         tmp_path / "my-model")
     for kept in ("gemma-3-270m", "s3://bucket/model", "not-here"):
         assert load_config(overrides=[f"model.name_or_path={kept}"]).model.name_or_path == kept
+
+
+def _dry_run_inputs(tmp_path):
+    from kore_ray.models.tiny import save_tiny_model
+
+    def jsonl(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    model = save_tiny_model(tmp_path / "model", "llama")
+    long_text = "The Orrin Dam holds the river Vell. " * 40  # far past train.max_length=128 (the tiny tokenizer: a token a byte)
+    data = {
+        "knowledge": jsonl("k.jsonl", [
+            {"id": "k1", "kind": "entity", "subject": "Mira Quell",
+             "knowledge": "Mira Quell is a glassblower from Tarrowin who opened a studio in 2019."},
+            {"id": "k2", "kind": "entity", "subject": "the Orrin Dam", "knowledge": long_text}]),
+        "eval_questions": jsonl("q.jsonl", [
+            {"id": "q1", "knowledge_id": "k1", "question": "Where is Mira Quell from?",
+             "answer": "Tarrowin"}]),
+        "retention": jsonl("r.jsonl", [{"id": "r1", "prompt": "The sky is", "answer": "blue"}]),
+    }
+    return model, data
+
+
+def test_dry_run_checks_every_input_and_plans_without_running(tmp_path):
+    from kore_ray.config import load_config
+    from kore_ray.dry_run import dry_run
+
+    model, data = _dry_run_inputs(tmp_path)
+    overrides = [f"model.name_or_path={model}", f"run_dir={tmp_path / 'run'}",
+                 "augment.generators=[extractive]", "train.max_steps=5", "train.batch_size=4",
+                 *(f"data.{k}={v}" for k, v in data.items())]
+    said = []
+    assert dry_run(load_config(overrides=overrides), say=said.append) == 0
+    text = "\n".join(said)
+    assert "data.knowledge: " in text and "2 good rows" in text and "data.retention_eval: not set" in text
+    assert "model: " in text and "llama" in text
+    assert "train kore: 5 steps of 4 sequences" in text and "train lora: 5 steps" in text
+    assert "evaluate: 1 questions and 0 retention probes" in text
+    assert not (tmp_path / "run").exists()  # nothing was written, let alone trained
+
+    (tmp_path / "r.jsonl").write_text(json.dumps({"id": "r1", "prompt": "x", "answer": ""}) + "\n")
+    said.clear()
+    assert dry_run(load_config(overrides=overrides), say=said.append) == 1
+    assert any(line.strip().startswith(f"{data['retention']}:1:") for line in said), said
+
+
+def test_inject_dry_run_flag(tmp_path, capsys):
+    model, data = _dry_run_inputs(tmp_path)
+    argv = ["inject", "--dry-run", "--set", f"model.name_or_path={model}",
+            "--set", f"run_dir={tmp_path / 'run'}", "--set", "augment.generators=[extractive]",
+            *[a for k, v in data.items() for a in ("--set", f"data.{k}={v}")]]
+    assert main(argv) == 0
+    assert "nothing was trained" in capsys.readouterr().out
+
+
+def test_a_knowledge_text_longer_than_max_length_is_a_warning_naming_the_row(tmp_path):
+    from kore_ray.augment.augment_stage import long_items
+    from kore_ray.config import load_config
+
+    model, data = _dry_run_inputs(tmp_path)
+    cfg = load_config(overrides=[f"model.name_or_path={model}", "train.max_length=128",
+                                 f"data.knowledge={data['knowledge']}"])
+    warnings = long_items(cfg)
+    assert len(warnings) == 1 and warnings[0].startswith(f"{data['knowledge']}:2: knowledge: ")
+    assert "'k2'" in warnings[0] and "train.max_length 128" in warnings[0]

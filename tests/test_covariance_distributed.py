@@ -208,7 +208,9 @@ def test_unusable_rows_are_named_before_any_work(setup, tmp_path):
     ])
     with pytest.raises(InputError, match=r"bad\.jsonl:2: .*exactly one of prompt or question"):
         run_covariance(_config(model_dir, bad, tmp_path / "run"))
-    (tmp_path / "red.png").write_bytes(b"")
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "red.png")
     pictured = _write_jsonl(tmp_path / "pictured.jsonl", [{
         "id": "pic", "task": "retention", "image": "red.png",
         "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},

@@ -24,6 +24,13 @@ def item(i, **extra):
     return {"id": f"k{i}", "kind": "entity", "subject": f"S{i}", "knowledge": f"Fact {i}.", **extra}
 
 
+def png(path, fmt="PNG", size=(4, 4)):
+    from PIL import Image
+
+    Image.effect_noise(size, 64).convert("RGB").save(path, fmt)
+    return path
+
+
 def write_jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
@@ -93,7 +100,7 @@ def test_duplicate_ids_name_both_lines(tmp_path):
 
 def test_images_resolve_against_the_data_folder(tmp_path):
     (tmp_path / "img").mkdir()
-    (tmp_path / "img" / "a.png").write_bytes(b"png")
+    png(tmp_path / "img" / "a.png")
     path = write_jsonl(
         tmp_path / "k.jsonl",
         [item(1, image="img/a.png"), item(2, image="s3://bucket/b.png"),
@@ -106,6 +113,32 @@ def test_images_resolve_against_the_data_folder(tmp_path):
 def test_missing_image(tmp_path):
     path = write_jsonl(tmp_path / "k.jsonl", [item(1, image="nope.png")])
     assert bad_rows(path) == [f"{path}:1: image: image not found: {tmp_path / 'nope.png'}"]
+
+
+def test_files_that_are_not_images_are_refused_with_file_line_and_field(tmp_path):
+    png(tmp_path / "good.png")
+    (tmp_path / "notes.png").write_text("these are notes, not a picture")
+    whole = png(tmp_path / "whole.png", size=(64, 64)).read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])  # a broken download
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    path = write_jsonl(tmp_path / "k.jsonl", [
+        item(1, image="good.png"), item(2, image="notes.png"), item(3, image="cut.png"),
+        item(4, image="empty.jpg")])
+    errors = bad_rows(path)
+    assert [e.split(": ")[0:2] for e in errors] == [
+        [f"{path}:2", "image"], [f"{path}:3", "image"], [f"{path}:4", "image"]]
+    assert all("not a readable image" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("newline, bom", [("\r\n", False), ("\n", True), ("\r\n", True)])
+def test_jsonl_as_windows_editors_and_spreadsheets_write_it(tmp_path, newline, bom):
+    text = newline.join(json.dumps(item(i)) for i in (1, 2)) + newline
+    path = tmp_path / "k.jsonl"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    assert [r.id for r in read_records(path, KnowledgeItem)] == ["k1", "k2"]
+    listed = tmp_path / "k.json"
+    listed.write_bytes((b"\xef\xbb\xbf" if bom else b"") + json.dumps([item(1)]).encode())
+    assert [r.id for r in read_records(listed, KnowledgeItem)] == ["k1"]
 
 
 def test_empty_file(tmp_path):
@@ -256,7 +289,7 @@ def llava(i, **extra):
 
 def test_import_llava(tmp_path):
     (tmp_path / "images" / "coco").mkdir(parents=True)
-    (tmp_path / "images" / "coco" / "1.jpg").write_bytes(b"jpg")
+    png(tmp_path / "images" / "coco" / "1.jpg", "JPEG")
     text_only = {"id": "t", "conversations": [{"from": "human", "value": "Hi"},
                                                {"from": "gpt", "value": "Hello"}]}
     path = tmp_path / "llava.json"
@@ -273,7 +306,7 @@ def test_import_llava(tmp_path):
 
 def test_import_llava_reports_bad_entries(tmp_path):
     (tmp_path / "coco").mkdir()
-    (tmp_path / "coco" / "1.jpg").write_bytes(b"jpg")
+    png(tmp_path / "coco" / "1.jpg", "JPEG")
     no_gpt = llava("b")
     no_gpt["conversations"] = no_gpt["conversations"][:1]
     wrong_role = llava("c")

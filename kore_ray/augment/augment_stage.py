@@ -292,6 +292,33 @@ def fact_tree(item: KnowledgeItem, generators: list[str], self_outcome, dialogue
     return convs + dialogue_conversations(item, grounded), failures, rejected
 
 
+def long_items(cfg: PipelineConfig) -> list[str]:
+    """A warning, naming file and line, for each knowledge text longer than train.max_length
+    tokens: its paragraph conversation would be cut there in training, silently."""
+    from kore_ray.data.io import iter_rows
+
+    limit = cfg.train.max_length
+    # A token is at least one character: only longer texts need the tokenizer.
+    rows = [(row.line, row.record) for row in iter_rows(cfg.data.knowledge, KnowledgeItem)
+            if row.record is not None and len(row.record.knowledge) > limit]
+    if not rows:
+        return []
+    from transformers import AutoTokenizer
+
+    from kore_ray.models.loading import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path))
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
+    warnings = []
+    for line, item in rows:
+        n = len(tokenizer(item.knowledge, add_special_tokens=False).input_ids)
+        if n > limit:
+            warnings.append(f"{cfg.data.knowledge}:{line}: knowledge: {n} tokens (item "
+                            f"{item.id!r}), longer than train.max_length {limit}: its paragraph "
+                            "conversation is cut there; raise train.max_length or split the item")
+    return warnings
+
+
 def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
     """Turn `cfg.data.knowledge` into conversations in `<run_dir>/augmented/`; return the
     summary (also written as summary.json).
@@ -311,6 +338,9 @@ def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
     if use_llm and not acfg.model:
         raise InputError("augment.model must be set when augment.base_url is")
     items = read_records(cfg.data.knowledge, KnowledgeItem)
+    too_long = long_items(cfg)
+    for warning in too_long:
+        print(f"kore augment: warning: {warning}", flush=True)
     run_dir = RunDir(cfg.run_dir)
     cache = Cache(run_dir.augment_cache)
 
@@ -392,6 +422,7 @@ def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
         "completion_tokens": stats["completion_tokens"],
         "failures": len(failures),
         "failures_by_stage": dict(Counter(f.stage for f in failures)),
+        "longer_than_max_length": too_long,
         "wall_s": round(time.perf_counter() - start, 3),
         "outputs": {k: str(v) for k, v in paths.items()},
     }

@@ -69,8 +69,10 @@ def iter_raw_rows(path: str | Path) -> Iterator[tuple[int, dict | RowError]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    # utf-8-sig: a byte-order mark (Notepad, Excel's "UTF-8 CSV" habits) is not data. Windows
+    # line ends need nothing: text mode reads them as newlines.
     try:
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             for line, text in enumerate(f, 1):
                 if not text.strip():
                     continue
@@ -84,7 +86,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e.reason})") from None
     except json.JSONDecodeError as e:

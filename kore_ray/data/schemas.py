@@ -53,7 +53,21 @@ def _check_image(value: str, info: ValidationInfo) -> str:
     path = Path(base_dir, value)
     if not path.is_file():
         raise PydanticCustomError("image_missing", "image not found: {path}", {"path": str(path)})
+    _check_decodable(path)
     return str(path.resolve())
+
+
+def _check_decodable(path: Path) -> None:
+    """A file that exists but is no image (a renamed text file, a truncated download) is
+    refused here, with the row, not deep in a stage's worker."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()  # reads the whole file's structure without decoding every pixel
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise PydanticCustomError("image_unreadable", "not a readable image: {path} ({reason})",
+                                  {"path": str(path), "reason": str(e) or type(e).__name__})
 
 
 ImageRef = Annotated[NonEmptyStr, AfterValidator(_check_image)]
