@@ -182,6 +182,8 @@ class ServeConfig(_Section):
     max_ongoing_requests: PositiveInt = 32  # per replica; more wait in Serve's queue
     target_ongoing_requests: PositiveInt = 16  # autoscaling adds replicas above this per replica
     auth_token_env: str | None = None  # bearer token read from this variable; None: no auth
+    # More `vllm serve` flags, passed to vLLM's own parser, e.g. ["--enable-prefix-caching"]
+    vllm_args: list[str] = []
 
     @model_validator(mode="after")
     def _replicas(self):
@@ -219,6 +221,14 @@ class ContinualConfig(_Section):
     gate: GateConfig = GateConfig()
 
 
+class TrackingConfig(_Section):
+    # MLflow: one run per method (settings, per-step training metrics, evaluation figures,
+    # report and plots), logged when the evaluation finishes.
+    mlflow: bool = True
+    uri: str | None = None  # None: a local store, <run_dir>/mlruns; or a server's http(s)://...
+    experiment: str = "kore-ray"
+
+
 class PipelineConfig(_Section):
     # A local path, or on a cluster a filesystem every node mounts (NFS, EFS, ...): the stages
     # use plain file I/O and Ray Train keeps its checkpoints there. Not an object-store URI.
@@ -232,6 +242,7 @@ class PipelineConfig(_Section):
     serve: ServeConfig = ServeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     continual: ContinualConfig = ContinualConfig()
+    tracking: TrackingConfig = TrackingConfig()
     # Per-method overrides of any section, e.g. {lora: {train: {learning_rate: 1e-4}}}: methods
     # are compared at their own best settings (the adaptation/retention frontier), not one shared.
     methods: dict[Method, dict] = {}

@@ -10,7 +10,9 @@ never spell one. Layout (relative to `run_dir` in the config, a local or shared 
   train/<method>/run.json, done.json, metrics.jsonl   (train)
   checkpoints/<run name>/           Ray Train's checkpoints (train)
   adapter/<method>/                 the trained model as a plain LoRA (train, export)
-  eval/results.json, report.md, predictions.parquet, adaptation_retention.png   (evaluate)
+  eval/results.json, report.md, predictions.parquet, adaptation_retention.png,
+       training_loss.png                                (evaluate)
+  mlruns/                           MLflow's local store (evaluate; tracking.uri unset)
   continual/...                     `kore continual`'s versions (ContinualDir)
 
 Every artifact directory is written whole or not at all (`atomic_directory`), and carries a
@@ -120,6 +122,10 @@ class RunDir:
     @property
     def plot(self) -> Path:
         return self.eval / "adaptation_retention.png"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.eval / "training_loss.png"
 
 
 class ContinualDir:

@@ -20,6 +20,7 @@ from kore_ray.evaluate.report import write_report
 from kore_ray.evaluate.score import prediction_rows, score_all
 from kore_ray.methods import METHODS
 from kore_ray.run_dir import MANIFEST, RunDir, file_digest, is_current, read_record
+from kore_ray.tracking import log_run
 
 
 def _chat(question: str) -> str:
@@ -94,7 +95,11 @@ def run_evaluate(cfg: PipelineConfig, methods: list[str] | None = None, base_url
                              "exported_rank")} for m in methods},
     }
     results["inputs"] = inputs
-    return _summarise(results, write_report(results, cfg.run_dir, rows)["report"])
+    paths = write_report(results, cfg.run_dir, rows)
+    uri = log_run(cfg, results, [p for k, p in paths.items() if k != "predictions"])
+    if uri:
+        print(f"kore evaluate: logged to MLflow at {uri} (experiment {cfg.tracking.experiment!r})")
+    return _summarise(results, paths["report"])
 
 
 def _summarise(results: dict, report: Path) -> dict:

@@ -35,6 +35,38 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
+def loss_plot(run_dir: str | Path, methods: list[str], path: Path) -> Path | None:
+    """Training loss by step, one line per method (train/<method>/metrics.jsonl)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kore_ray.run_dir import METRICS
+
+    curves = {}
+    for m in methods:
+        metrics = RunDir(run_dir).train(m) / METRICS
+        if metrics.is_file():
+            steps = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            curves[m] = ([s["step"] for s in steps], [s["loss"] for s in steps])
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for m, (x, y) in curves.items():
+        ax.plot(x, y, label=m)
+    ax.set(xlabel="step", ylabel="training loss (assistant tokens)", title="How each method trained")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def _cell(text) -> str:
     return str(text if text is not None else "(no answer)").replace("|", "\\|").replace("\n", " ")[:120]
 
@@ -53,7 +85,7 @@ def samples(rows: list[dict], per_method: int = 4) -> list[str]:
     return out
 
 
-def markdown(results: dict, answers: list[dict] | None = None) -> str:
+def markdown(results: dict, answers: list[dict] | None = None, loss: bool = False) -> str:
     rows = ["| method | adaptation CEM | adaptation F1 | retention | correct / questions | kept / known | failed requests |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in {"base": results["base"], **results["methods"]}.items():
@@ -95,6 +127,7 @@ def markdown(results: dict, answers: list[dict] | None = None) -> str:
         "Adaptation CEM by knowledge kind:", "", *by_kind, "",
         *(["Some answers (all in eval/predictions.parquet):", "", *samples(answers), ""] if answers else []),
         "![adaptation vs retention](adaptation_retention.png)", "",
+        *(["![training loss per method](training_loss.png)", ""] if loss else []),
         *([training_note, "", *training, ""] if len(training) > 2 else []),
         "Settings: `" + json.dumps({k: v for k, v in settings.items() if k != "training"}, sort_keys=True) + "`", "",
     ])
@@ -112,11 +145,13 @@ def write_report(results: dict, run_dir: str | Path, rows: list[dict] | None = N
     out = RunDir(run_dir)
     paths = {"results": out.results, "report": out.report, "plot": out.plot}
     plot(results, paths["plot"])
+    if loss_plot(run_dir, list(results["methods"]), out.loss_plot):
+        paths["loss_plot"] = out.loss_plot
     if rows is not None:
         paths["predictions"] = out.predictions
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows), buffer)
         atomic_write(paths["predictions"], buffer.getvalue())
-    atomic_write(paths["report"], markdown(results, rows).encode())
+    atomic_write(paths["report"], markdown(results, rows, "loss_plot" in paths).encode())
     atomic_write(paths["results"], json.dumps(results, indent=2, sort_keys=True).encode())
     return paths
