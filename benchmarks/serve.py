@@ -8,11 +8,12 @@ the rank and the adapted layers only, not on how A was found, so the null-space 
 Each round sends the same prompts concurrently (greedy, max_tokens fixed) either all to the base
 model or round-robin over the 4 adapters; rounds alternate so background load hits both alike,
 after one warm-up round each (it loads the adapters). The ratio is the median over rounds of
-adapter tokens/s / base tokens/s in the neighbouring round.
+adapter tokens/s / base tokens/s in the neighbouring round. Time to first token: streamed
+requests sent one at a time (no queueing), the median over the prompts, base and adapters.
 
     python benchmarks/serve.py [--prompts 16 --tokens 32 --repeats 3 --rank 64]
 
-Last line: {"multi_adapter_vs_base": ...}
+Last line: {"multi_adapter_vs_base": ..., "ttft_base_s": ..., "ttft_adapter_s": ...}
 """
 
 from __future__ import annotations
@@ -67,6 +68,27 @@ async def _round(url: str, prompts: list[str], models: list[str], tokens: int) -
         return sum(counts), time.perf_counter() - start
 
 
+def _first_token_s(url: str, prompts: list[str], models: list[str], tokens: int) -> list[float]:
+    """Seconds to the first streamed token of each prompt, one request at a time."""
+    import httpx
+
+    waits = []
+    with httpx.Client(base_url=url, timeout=600) as client:
+        for i, prompt in enumerate(prompts):
+            start = time.perf_counter()
+            with client.stream("POST", "/completions", json={
+                    "model": models[i % len(models)], "prompt": prompt, "max_tokens": tokens,
+                    "temperature": 0, "stream": True}) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                        waits.append(time.perf_counter() - start)
+                        break
+                for _ in r.iter_lines():  # the rest of the stream
+                    pass
+    return waits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=16, help="concurrent requests per round")
@@ -106,6 +128,8 @@ def main() -> None:
                     result = asyncio.run(_round(url, prompts, cases[name], args.tokens))
                     if r:
                         runs[name].append(result)
+            ttft = {name: median(_first_token_s(url, prompts[:8], models, args.tokens))
+                    for name, models in cases.items()}
         ray.shutdown()
 
     rates = {name: [n / s for n, s in results] for name, results in runs.items()}
@@ -115,7 +139,11 @@ def main() -> None:
     print(table(rows, ["requests to", "concurrent", "tokens/round", "median s", "tokens/s"]))
     ratio = median([a / b for a, b in zip(rates["4 adapters"], rates["base only"])])
     print(f"multi-adapter / base throughput: {ratio:.2f} (median of {args.repeats} paired rounds)")
-    print(json.dumps({"multi_adapter_vs_base": round(ratio, 3)}))
+    print("time to first token (streamed, one request at a time): " + ", ".join(
+        f"{name} {t * 1000:.0f} ms" for name, t in ttft.items()))
+    print(json.dumps({"multi_adapter_vs_base": round(ratio, 3),
+                      "ttft_base_s": round(ttft["base only"], 4),
+                      "ttft_adapter_s": round(ttft["4 adapters"], 4)}))
 
 
 if __name__ == "__main__":

@@ -31,10 +31,7 @@ def _augment(args) -> int:
     from kore_ray.augment import run_augment
 
     summary = run_augment(_config(args))
-    print(
-        f"kore augment: {summary['conversations']} conversations from {summary['items']} items, "
-        f"{summary['failures']} failures recorded; outputs in {summary['outputs']['conversations']}"
-    )
+    print(f"kore augment: outputs in {summary['outputs']['conversations']}")
     return 0
 
 
@@ -131,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kore",
         description="kore-ray: inject new knowledge into LLMs without forgetting (KORE), on Ray.",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's, Serve's and vLLM's own INFO lines")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name, help_, func):
@@ -186,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        import os
+
+        os.environ["KORE_VERBOSE"] = "1"  # Ray's, Ray Data's, Serve's and vLLM's INFO lines too
     if args.command != "validate" and not getattr(args, "dry_run", False):  # these run on Ray
         from kore_ray.logs import quiet_driver
 

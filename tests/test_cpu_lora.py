@@ -75,3 +75,32 @@ def test_register_swaps_the_cpu_wrapper_ops():
     assert all(getattr(punica_cpu, name) is getattr(cpu_lora, name) for name in cpu_lora.OPS)
     cpu_lora.register()  # idempotent: the originals stay recorded
     assert cpu_lora._ORIGINAL["bgmv_expand"] is ref.bgmv_expand
+
+
+@pytest.mark.parametrize("indices", [[0, 0, 2, 1, -1, 1, 0, 2, 2, -1, 0], [1] * TOKENS, [-1] * TOKENS])
+def test_add_lora_linear_matches_the_wrappers_own(indices):
+    """The fused layer method (q/k/v-like 3 slices, scaling 0.5) equals PunicaWrapperCPU's own
+    method on the per-op grouped ops (vLLM's reference ops read index -1 as the last slot, the
+    GPU kernels as no adapter), for mixed, single and no adapters; and a rewritten slot (as
+    vLLM loads another adapter into it) is seen, not served from the cache."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    cpu_lora.register()
+    own = cpu_lora._ORIGINAL["add_lora_linear"]
+    wrapper = PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
+    idx = torch.tensor(indices)
+    wrapper._token_lora_indices[:TOKENS].copy_(idx)
+    wrapper.indices_len[0] = TOKENS
+    wrapper.is_prefill = False
+    g = torch.Generator().manual_seed(1)
+    slices = (D_OUT, 16, 16)
+    a = tuple(torch.randn(SLOTS, 1, RANK, D_IN, generator=g) for _ in slices)
+    b = tuple(torch.randn(SLOTS, 1, n, RANK, generator=g) for n in slices)
+    x, y = torch.randn(TOKENS, D_IN, generator=g), torch.randn(TOKENS, sum(slices), generator=g)
+    for _ in range(2):
+        want = y.clone()
+        own(wrapper, want, x, a, b, 0.5, slices)
+        got = y.clone()
+        cpu_lora.add_lora_linear(wrapper, got, x, a, b, 0.5, slices)
+        torch.testing.assert_close(got, want)
+        a[1][:, 0].add_(1.0)  # an adapter loaded into every slot: the next pass must see it

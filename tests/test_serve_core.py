@@ -2,21 +2,19 @@
 
 import asyncio
 import base64
-import copy
 import io
 import json
 import os
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from kore_ray.config import load_config
-from kore_ray.data.tokenize import render
 from kore_ray.errors import InputError
 from kore_ray.models.tiny import save_tiny_model, tiny_text_model
+from kore_ray.serve import openai_api
 from kore_ray.serve.adapters import (
     AdapterError,
     AdapterRegistry,
@@ -26,98 +24,94 @@ from kore_ray.serve.adapters import (
     check_name,
     sync_prefix,
 )
-from kore_ray.serve.prompts import chat_prompt
-from kore_ray.serve.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    check_auth,
-    completion_response,
-    parse_request,
-    sampling_kwargs,
-    token_digest,
-)
+from kore_ray.serve.protocol import APIError, check_auth, parse_json, token_digest
 
 Q, V = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
 P = "base_model.model."  # PEFT's prefix of saved LoRA weights
 
 
-def _parse(model, body):
-    return parse_request(model, json.dumps(body).encode() if not isinstance(body, bytes) else body)
+# --- requests: vLLM's schemas behind our JSON and image checks --------------------------------
 
-
-# --- requests ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("body, where", [
-    (b"{not json", "not valid JSON"),
-    (b"[1, 2]", "JSON object"),
-    ({"prompt": "x"}, "model: Field required"),
-    ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"model": "m", "prompt": "x", "temperature": 5}, "temperature"),
-    ({"model": "m", "prompt": []}, "prompt must not be empty"),
-    ({"model": "m", "prompt": "x", "stream": True}, "stream"),
-    ({"model": "m", "prompt": "x", "logprobs": 3}, "logprobs: Extra inputs are not permitted"),
-])
-def test_malformed_completion_requests_are_400_naming_the_problem(body, where):
-    with pytest.raises(APIError) as e:
-        _parse(CompletionRequest, body)
-    assert e.value.status == 400 and where in e.value.message
-    assert e.value.body()["error"]["type"] == "invalid_request_error"
-
-
-@pytest.mark.parametrize("body, where", [
-    ({"model": "m", "messages": []}, "messages"),
-    ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "role"),
-    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     "needs `image_url`"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}],
-      "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "schema"),
-])
-def test_malformed_chat_requests_are_400(body, where):
+@pytest.mark.parametrize("raw, where", [(b"{not json", "not valid JSON"),
+                                        (b"[1, 2]", "JSON object"), (b"\xff", "not valid JSON")])
+def test_bodies_that_are_not_json_objects_are_400(raw, where):
     with pytest.raises(APIError, match=where) as e:
-        _parse(ChatCompletionRequest, body)
+        parse_json(raw)
+    assert e.value.status == 400 and e.value.body()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("kind, body, param", [
+    ("completion", {"model": "m"}, "prompt"),
+    ("chat", {"model": "m", "messages": "hi"}, "messages"),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": "two"}, "n"),
+])
+def test_invalid_requests_are_400_naming_the_field(kind, body, param):
+    with pytest.raises(APIError) as e:
+        openai_api.request(kind, body)
+    assert e.value.status == 400 and e.value.param == param
+
+
+def test_the_full_request_surface_parses():
+    chat = openai_api.request("chat", {
+        "model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True,
+        "stream_options": {"include_usage": True}, "logprobs": True, "top_logprobs": 3, "n": 2,
+        "stop": ["\n"], "seed": 7,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": {}}}})
+    assert chat.stream and chat.stream_options.include_usage and chat.top_logprobs == 3
+    done = openai_api.request("completion", {"model": "m", "prompt": [[1, 2], [3]], "logprobs": 2})
+    assert done.logprobs == 2 and done.prompt == [[1, 2], [3]]
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+    {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}},
+    {"type": "video_url", "video_url": {"url": "http://10.0.0.1/v.mp4"}},
+])
+def test_remote_media_is_refused_before_vllm_could_fetch_it(part):
+    body = {"model": "m", "messages": [{"role": "user", "content": [part]}]}
+    with pytest.raises(APIError, match="does not fetch remote media") as e:
+        openai_api.refuse_remote_images(body)
     assert e.value.status == 400
+    inline = {"type": "image_url", "image_url": {"url": _png_url()}}
+    openai_api.refuse_remote_images({"messages": [{"role": "user", "content": [inline]}]})
 
 
-def test_completion_prompts_map_to_engine_prompts():
-    def prompts(p):
-        return _parse(CompletionRequest, {"model": "m", "prompt": p}).prompts()
+def test_frontend_args_are_vllm_serves_own():
+    from kore_ray.data.tokenize import PLAIN_CHAT_TEMPLATE
 
-    assert prompts("hi") == [{"prompt": "hi"}]
-    assert prompts(["a", "b"]) == [{"prompt": "a"}, {"prompt": "b"}]
-    assert prompts([5, 6]) == [{"prompt_token_ids": [5, 6]}]
-    assert prompts([[5], [6, 7]]) == [{"prompt_token_ids": [5]}, {"prompt_token_ids": [6, 7]}]
-
-
-def test_sampling_settings():
-    req = _parse(CompletionRequest, {"model": "m", "prompt": "x", "temperature": 0, "stop": "\n"})
-    kw = sampling_kwargs(req)
-    assert kw["temperature"] == 0 and kw["max_tokens"] == 16 and kw["stop"] == "\n"
-    assert "structured_outputs" not in kw
-    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
-    # chat's default: up to the end of the context
-    assert sampling_kwargs(_parse(ChatCompletionRequest, chat))["max_tokens"] is None
-    kw = sampling_kwargs(_parse(ChatCompletionRequest, {
-        **chat, "max_tokens": 5, "max_completion_tokens": 7,
-        "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}}))
-    assert kw["max_tokens"] == 7 and kw["structured_outputs"] == {"json": {"type": "object"}}
-    kw = sampling_kwargs(_parse(ChatCompletionRequest,
-                                {**chat, "response_format": {"type": "json_object"}}))
-    assert kw["structured_outputs"] == {"json_object": True}
+    s = load_config(overrides=["serve.max_lora_rank=64", "serve.max_model_len=512",
+                               "serve.kv_cache_gib=1",
+                               "serve.vllm_args=[--enable-prefix-caching]"]).serve
+    args = openai_api.frontend_args("/m", "base", s, "float32", PLAIN_CHAT_TEMPLATE)
+    assert (args.model, args.served_model_name, args.max_lora_rank, args.max_model_len) == (
+        "/m", ["base"], 64, 512)
+    assert args.enable_lora and args.kv_cache_memory_bytes == 2**30
+    assert args.chat_template == PLAIN_CHAT_TEMPLATE and args.enable_prefix_caching
+    with pytest.raises(SystemExit):  # a flag vLLM does not know stops the start-up
+        openai_api.frontend_args("/m", "base", s.model_copy(update={"vllm_args": ["--nope"]}),
+                                 "float32", None)
 
 
-def test_completion_choices_are_numbered_prompt_major():
-    def out(*texts):
-        return SimpleNamespace(prompt_token_ids=[1, 2], outputs=[
-            SimpleNamespace(text=t, token_ids=[9] * len(t), finish_reason="length") for t in texts])
+def test_responses_keep_vllms_status_and_stream():
+    from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
 
-    body = completion_response("m", [out("a", "bb"), out("c", "d")])
-    numbered = [(c["index"], c["text"]) for c in body["choices"]]
-    assert numbered == [(0, "a"), (1, "bb"), (2, "c"), (3, "d")]
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
-    assert "token_ids" not in body["choices"][0]
-    body = completion_response("m", [out("a", "bb")], token_ids=True)
-    assert [c["token_ids"] for c in body["choices"]] == [[9], [9, 9]]
+    error = ErrorResponse(error=ErrorInfo(message="too long", type="BadRequestError", code=400))
+    r = openai_api.to_response(error)
+    assert r.status_code == 400 and json.loads(r.body)["error"]["message"] == "too long"
+    seen = []
+
+    async def chunks():
+        yield 'data: {"choices": [], "usage": null}\n\n'
+        yield 'data: {"choices": [], "usage": {"completion_tokens": 3}}\n\n'
+        yield "data: [DONE]\n\n"
+
+    r = openai_api.to_response(chunks(), seen.append)
+    assert r.media_type == "text/event-stream"
+
+    async def drain():
+        return [c async for c in r.body_iterator]
+
+    assert len(asyncio.run(drain())) == 3 and seen == [{"completion_tokens": 3}]
 
 
 def test_bearer_auth():
@@ -365,48 +359,3 @@ def _png_url(color=(255, 0, 0)):
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), color).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _messages(*contents):
-    body = {"model": "m", "messages": [{"role": "user", "content": c} for c in contents]}
-    return _parse(ChatCompletionRequest, body).messages
-
-
-def test_chat_on_a_base_model_renders_the_training_template():
-    _, tok = tiny_text_model("llama")
-    tok = copy.deepcopy(tok)
-    tok.chat_template = None  # a base model like the embedded Gemma
-    prompt = chat_prompt(tok, _messages([{"type": "text", "text": "Who wrote it?"}]), False)
-    expected = render(copy.deepcopy(tok), [{"role": "user", "content": "Who wrote it?"}],
-                      add_generation_prompt=True)
-    assert prompt == {"prompt": expected} and expected.endswith("Question: Who wrote it?\nAnswer:")
-    with pytest.raises(APIError, match="does not accept images") as e:
-        chat_prompt(tok, _messages([{"type": "image_url", "image_url": {"url": _png_url()}}]),
-                    accepts_images=False)
-    assert e.value.status == 400
-
-
-def test_image_parts_reach_the_engine_as_multi_modal_data(tmp_path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(save_tiny_model(tmp_path / "vlm", kind="vlm"))
-    prompt = chat_prompt(tok, _messages([
-        {"type": "image_url", "image_url": {"url": _png_url((255, 0, 0))}},
-        {"type": "text", "text": "and"},
-        {"type": "image_url", "image_url": {"url": _png_url((0, 0, 255))}},
-    ]), accepts_images=True)
-    assert prompt["prompt"].count("<image>") == 2
-    images = prompt["multi_modal_data"]["image"]
-    assert [im.getpixel((0, 0)) for im in images] == [(255, 0, 0), (0, 0, 255)]  # message order
-
-
-@pytest.mark.parametrize("url, message", [
-    ("https://example.com/cat.png", "does not fetch remote images"),
-    ("data:image/png;base64,!!!", "not a readable image"),
-    ("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "not a readable image"),
-])
-def test_unusable_images_are_400(url, message):
-    _, tok = tiny_text_model("llama")
-    with pytest.raises(APIError, match=message) as e:
-        chat_prompt(tok, _messages([{"type": "image_url", "image_url": {"url": url}}]), True)
-    assert e.value.status == 400

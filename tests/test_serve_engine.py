@@ -83,7 +83,7 @@ def served(ray_local, gemma_dir, tmp_path_factory):
     port = _free_port()
     cfg = load_config(overrides=[
         f"model.name_or_path={BASE}", f"serve.adapters={adapters}", f"serve.port={port}",
-        "serve.max_lora_rank=16", "serve.max_loras=2", "serve.max_model_len=512",
+        "serve.max_lora_rank=16", "serve.max_loras=2", "serve.max_model_len=1024",
         "serve.kv_cache_gib=1", "serve.auth_token_env=KORE_SERVE_TEST_TOKEN",
     ])
     with serving(cfg) as url, httpx.Client(
@@ -135,7 +135,59 @@ def test_chat_uses_the_training_template_and_the_openai_client_works(served):
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     r = client.post("/chat/completions", json={
         "model": BASE, "messages": [{"role": "user", "content": [image]}]})
-    assert "does not accept images" in _error(r, 400)
+    assert _error(r, 400)  # vLLM's refusal: a text model takes no images
+
+
+def test_streaming_logprobs_usage_and_the_rest_of_the_openai_api(served, gemma_dir):
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    client, _, refs = served
+    oai = OpenAI(base_url=str(client.base_url), api_key=TOKEN, max_retries=0)
+    for model in (BASE, "kore"):
+        ask = dict(model=model, messages=[{"role": "user", "content": QUESTION}],
+                   max_tokens=NEW_TOKENS, temperature=0)
+        whole = oai.chat.completions.create(**ask, logprobs=True, top_logprobs=2)
+        chunks = list(oai.chat.completions.create(
+            **ask, stream=True, stream_options={"include_usage": True}))
+        text = whole.choices[0].message.content
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == NEW_TOKENS
+        tokens = whole.choices[0].logprobs.content
+        assert "".join(t.token for t in tokens) == text and len(tokens) == NEW_TOKENS
+        assert all(t.logprob <= 0 and t.top_logprobs[0].token == t.token for t in tokens)  # greedy
+
+        done = oai.completions.create(model=model, prompt=PROMPTS[0], max_tokens=NEW_TOKENS,
+                                      temperature=0, logprobs=1)
+        streamed = oai.completions.create(model=model, prompt=PROMPTS[0], max_tokens=NEW_TOKENS,
+                                          temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
+        assert "".join(done.choices[0].logprobs.tokens) == done.choices[0].text
+    assert done.choices[0].text == refs["kore"][0]
+    prompt_ids = AutoTokenizer.from_pretrained(gemma_dir)(PROMPTS[0]).input_ids
+    assert done.usage.prompt_tokens == len(prompt_ids)  # BOS included, as the engine saw it
+    assert done.usage.completion_tokens == NEW_TOKENS
+
+    sample = dict(model="kore", prompt=PROMPTS[1], max_tokens=6, temperature=1.0, n=2, seed=7)
+    first, again = oai.completions.create(**sample), oai.completions.create(**sample)
+    assert len(first.choices) == 2 and [c.text for c in first.choices] == [
+        c.text for c in again.choices]  # a seed makes sampling repeatable
+    word = refs["base"][0].split()[1]  # stop before the greedy answer's second word
+    stopped = oai.completions.create(model=BASE, prompt=PROMPTS[0], max_tokens=NEW_TOKENS,
+                                     temperature=0, stop=[word])
+    assert stopped.choices[0].finish_reason == "stop" and word not in stopped.choices[0].text
+    assert refs["base"][0].startswith(stopped.choices[0].text)
+
+    too_long = client.post("/completions", json={"model": BASE, "prompt": "x",
+                                                 "max_tokens": 1_000_000_000})
+    assert "cannot be greater than max_model_len" in _error(too_long, 400)  # vLLM's own answer
+    root = str(client.base_url).rstrip("/").removesuffix("/v1")
+    metrics = client.get(f"{root}/metrics")  # at the root, as `vllm serve` has it
+    assert metrics.status_code == 200, metrics.text
+    assert "vllm:generation_tokens_total" in metrics.text  # the engine's own metrics
+    assert 'kore_requests_total{model="kore"}' in metrics.text
+    assert 'kore_adapter_loads_total{outcome="loaded"}' in metrics.text
+    assert client.get(f"{root}/metrics", headers={"Authorization": ""}).status_code == 401
 
 
 def test_bad_adapters_are_refused_and_the_replica_keeps_serving(served):
@@ -177,7 +229,7 @@ def test_auth_names_and_malformed_requests(served):
     assert "not valid JSON" in _error(client.post("/completions", content=b"{"), 400)
     assert "prompt" in _error(client.post("/completions", json={"model": BASE}), 400)
     assert "maximum context length" in _error(client.post("/completions", json={
-        "model": BASE, "prompt": "word " * 600}), 400)  # the engine's refusal, beyond max_model_len
+        "model": BASE, "prompt": "word " * 1200}), 400)  # the engine's refusal, beyond max_model_len
 
 
 def test_augmentation_dialogues_from_our_own_endpoint(served, tmp_path):
@@ -196,7 +248,8 @@ def test_augmentation_dialogues_from_our_own_endpoint(served, tmp_path):
         f"augment.base_url={client.base_url}", f"augment.model={BASE}",
         "augment.api_key_env=KORE_SERVE_TEST_TOKEN", "augment.dialogues_per_item=1",
         "augment.generators=[endpoint]",
-        "augment.temperature=0", "augment.max_tokens=600", "augment.max_retries=1",
+        "augment.temperature=0", "augment.max_tokens=300", "augment.max_retries=1",
+        "augment.timeout_s=300",  # vLLM refuses max_tokens past max_model_len: no silent cap
     ])
     summary = run_augment(cfg, progress=False)
     assert summary["llm"]["items_requested"] == 1 and summary["requests"] >= 1

@@ -427,4 +427,9 @@ def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
         "outputs": {k: str(v) for k, v in paths.items()},
     }
     atomic_write(paths["summary"], json.dumps(summary, indent=2).encode())
+    if progress:
+        tasks = ", ".join(f"{k} {v}" for k, v in sorted(summary["conversations_by_task"].items()))
+        print(f"kore augment: {len(items)} items -> {len(conversations)} conversations ({tasks}); "
+              f"{summary['rejected']} generated pairs rejected, {len(failures)} failures recorded, "
+              f"{summary['wall_s']:.0f} s", flush=True)
     return summary

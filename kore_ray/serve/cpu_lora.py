@@ -10,6 +10,12 @@ Semantics follow vLLM's GPU kernels: a token whose index is -1 (no adapter) is l
 by expand and gets zeros from shrink. Shapes this module does not expect fall back to vLLM's
 own ops. vLLM loads `register` in every process it starts (entry point
 `vllm.general_plugins`); it does nothing on other platforms.
+
+`add_lora_linear` (one call per adapted layer) does a layer's whole LoRA in one pass per
+adapter present: the token groups are found once per step (not once per op), the inputs are
+gathered once, the slices' A (q, k, v or gate, up) are one matmul, and the result is added
+in one scatter, where the wrapper's own method runs shrink and expand per slice, each with
+its own grouping, gather and scatter.
 """
 
 from __future__ import annotations
@@ -91,13 +97,63 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
                       add_inputs)
 
 
+_GROUPS: dict = {}  # the token groups of the step: (indices' storage, length, version) -> groups
+_STACKED_A: dict = {}  # (slices' A storage, slot) -> (versions, [A_1; ...; A_n] of that slot)
+
+
+def _step_groups(indices: torch.Tensor) -> list:
+    key = (indices.data_ptr(), indices.numel(), indices._version)
+    if key not in _GROUPS:
+        _GROUPS.clear()
+        _GROUPS[key] = list(_groups(indices))
+    return _GROUPS[key]
+
+
+def _stacked_a(lora_a_stacked, slot: int) -> torch.Tensor:
+    """The slot's A of every slice, stacked (n r x in), cached until a slot is rewritten."""
+    if len(lora_a_stacked) == 1:
+        return _weights(lora_a_stacked[0])[slot]
+    key = (tuple(a.data_ptr() for a in lora_a_stacked), slot)
+    versions = tuple(a._version for a in lora_a_stacked)
+    hit = _STACKED_A.get(key)
+    if hit is None or hit[0] != versions:
+        hit = _STACKED_A[key] = (versions, torch.cat([_weights(a)[slot] for a in lora_a_stacked]))
+    return hit[1]
+
+
+def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *,
+                    buffer=None, **kwargs):
+    """y[:, slice i] += scale * x A_i^T B_i^T for each token's adapter (PunicaWrapperCPU's
+    method, grouped); other shapes go to the wrapper's own method."""
+    indices = self.token_lora_indices
+    if indices.numel() != x.shape[0] or y.shape[0] != x.shape[0] or kwargs:
+        return _ORIGINAL["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale,
+                                            output_slices, buffer=buffer, **kwargs)
+    rank = lora_b_stacked[0].shape[-1]
+    width = sum(output_slices)
+    for slot, rows in _step_groups(indices):
+        xs = x[rows].to(y.dtype)
+        h = xs @ _stacked_a(lora_a_stacked, slot).to(y.dtype).T
+        if scale != 1.0:
+            h = h * scale
+        parts = [h[:, i * rank:(i + 1) * rank] @ _weights(b)[slot].to(y.dtype).T
+                 for i, b in enumerate(lora_b_stacked)]
+        delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if isinstance(rows, slice):
+            y[:, :width] += delta
+        else:
+            y[:, :width].index_add_(0, rows, delta)
+    return y
+
+
 OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand",
        "sgmv_expand_slice")
 _ORIGINAL: dict = {}
 
 
 def register() -> None:
-    """vLLM plugin hook: swap the CPU punica wrapper's ops for the grouped ones."""
+    """vLLM plugin hook: swap the CPU punica wrapper's ops (and its add_lora_linear) for the
+    grouped ones."""
     try:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:  # a vLLM without the CPU wrapper: nothing to do
@@ -107,3 +163,7 @@ def register() -> None:
         if current is not globals()[name]:
             _ORIGINAL[name] = current
             setattr(punica_cpu, name, globals()[name])
+    wrapper = punica_cpu.PunicaWrapperCPU
+    if wrapper.add_lora_linear is not add_lora_linear:
+        _ORIGINAL["add_lora_linear"] = wrapper.add_lora_linear
+        wrapper.add_lora_linear = add_lora_linear

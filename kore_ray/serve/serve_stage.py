@@ -4,7 +4,8 @@
 Why not ray.serve.llm: its LLMConfig loads adapters only from cloud URIs
 (`dynamic_lora_loading_path` refuses local directories, which `kore export` writes), and it
 would hand adapters to vLLM unchecked; a bad adapter must be refused, not take a replica down.
-The engine lives in the ingress replica, so autoscaling the deployment scales engines.
+The engine lives in the ingress replica, so autoscaling the deployment scales engines. The API
+itself is vLLM's own OpenAI serving layer, as in ray.serve.llm (serve/openai_api.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,27 +21,17 @@ from pathlib import Path
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from kore_ray.config import PipelineConfig, ServeConfig
 from kore_ray.errors import InputError
 from kore_ray.logs import replica_env, serve_logging
 from kore_ray.run_dir import RunDir
+from kore_ray.serve import openai_api
 from kore_ray.serve.adapters import AdapterError, AdapterRegistry, check_name, is_uri
-from kore_ray.serve.prompts import chat_prompt
-from kore_ray.serve.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    chat_response,
-    check_auth,
-    completion_response,
-    models_response,
-    parse_request,
-    sampling_kwargs,
-    token_digest,
-)
+from kore_ray.serve.metrics import adapter_metrics
+from kore_ray.serve.protocol import APIError, check_auth, models_response, parse_json, token_digest
 
 log = logging.getLogger(__name__)
 
@@ -92,28 +82,24 @@ def replica_args(cfg: PipelineConfig) -> ReplicaArgs:
 @serve.deployment(name="KoreLLM", health_check_period_s=30, health_check_timeout_s=60)
 @serve.ingress(api)
 class KoreLLM:
-    def __init__(self, args: ReplicaArgs):
-        from transformers import AutoConfig, AutoTokenizer
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+    async def __init__(self, args: ReplicaArgs):
+        from transformers import AutoTokenizer
 
-        from kore_ray.models.loading import is_vision_language, resolve_model_path
+        from kore_ray.data.tokenize import PLAIN_CHAT_TEMPLATE
+        from kore_ray.models.loading import resolve_model_path
         from kore_ray.serve.adapters import base_linear_shapes
 
         s = self.settings = args.serve
         self.name, self.token_sha256 = args.name, args.token_sha256
         model_dir = resolve_model_path(args.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.accepts_images = is_vision_language(AutoConfig.from_pretrained(model_dir))
+        # A template-less base model is served in the Question/Answer format it was trained in.
+        own_template = getattr(AutoTokenizer.from_pretrained(model_dir), "chat_template", None)
         self.registry = AdapterRegistry(args.adapters, base_linear_shapes(model_dir),
                                         s.max_lora_rank, reserved=(self.name,))
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-            model=str(model_dir), served_model_name=self.name, dtype=args.dtype,
-            max_model_len=s.max_model_len, enable_lora=True, max_lora_rank=s.max_lora_rank,
-            max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras,
-            kv_cache_memory_bytes=None if s.kv_cache_gib is None else int(s.kv_cache_gib * 2**30),
-            disable_log_stats=True,
-        ))
+        self.engine, state = await openai_api.start(openai_api.frontend_args(
+            str(model_dir), self.name, s, args.dtype, None if own_template else PLAIN_CHAT_TEMPLATE))
+        self.models, self.chat = state.openai_serving_models, state.openai_serving_chat
+        self.completion = state.openai_serving_completion
         self.started = int(time.time())
         self._lock = asyncio.Lock()
         self._scanned = float("-inf")
@@ -131,23 +117,42 @@ class KoreLLM:
         await self._refresh()
         return models_response(self.name, [a.name for a in self.registry.served()], self.started)
 
-    @api.post("/v1/completions")
-    async def completions(self, request: Request) -> dict:
+    @api.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        """vLLM's Prometheus metrics and the adapter metrics of this replica."""
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
         check_auth(request.headers.get("authorization"), self.token_sha256)
-        req = parse_request(CompletionRequest, await request.body())
-        lora, params = await self._lora(req.model), self._params(req)
-        outputs = await asyncio.gather(*(self._generate(p, params, lora) for p in req.prompts()))
-        return completion_response(req.model, outputs, req.return_token_ids)
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._answer(request, "completion")
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> dict:
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._answer(request, "chat")
+
+    async def _answer(self, request: Request, kind: str) -> Response:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         check_auth(request.headers.get("authorization"), self.token_sha256)
-        req = parse_request(ChatCompletionRequest, await request.body())
-        lora, params = await self._lora(req.model), self._params(req)
-        prompt = chat_prompt(self.tokenizer, req.messages, self.accepts_images)
-        # The rendered chat already holds the template's BOS.
-        output = await self._generate(prompt, params, lora, {"add_special_tokens": False})
-        return chat_response(req.model, output, req.return_token_ids)
+        body = parse_json(await request.body())
+        openai_api.refuse_remote_images(body)
+        await self._lora(body.get("model"))  # 4xx for a bad or unknown adapter, before vLLM
+        req = openai_api.request(kind, body)
+        serving = self.chat if kind == "chat" else self.completion
+        started, model = time.perf_counter(), req.model
+        try:
+            result = await (serving.create_chat_completion(req, request) if kind == "chat"
+                            else serving.create_completion(req, request))
+        except EngineDeadError:
+            raise APIError(503, "this replica's engine died; retry (Serve replaces it)") from None
+        except (ValueError, VLLMClientError) as e:  # what vLLM's server maps to 4xx itself
+            result = serving.create_error_response(e)
+        return openai_api.to_response(
+            result, lambda usage: adapter_metrics().answered(model, usage, started))
 
     async def _refresh(self, max_age: float = 0.0) -> None:
         """Rescan unless a scan began at most `max_age` seconds before this call: concurrent
@@ -159,10 +164,18 @@ class KoreLLM:
             self._scanned = time.monotonic()
             found = await asyncio.to_thread(self.registry.scan)  # an object store is slow
             await self.registry.refresh(self._load, found)
+            # vLLM's layer serves exactly the adapters the registry accepted.
+            self.models.lora_requests = {a.name: self._lora_request(a)
+                                         for a in self.registry.served()}
 
     async def _load(self, adapter) -> None:
-        if not await self.engine.add_lora(self._lora_request(adapter)):
-            raise AdapterError("the engine did not load it")
+        try:
+            if not await self.engine.add_lora(self._lora_request(adapter)):
+                raise AdapterError("the engine did not load it")
+        except Exception:
+            adapter_metrics().loads.labels(outcome="refused").inc()
+            raise
+        adapter_metrics().loads.labels(outcome="loaded").inc()
 
     @staticmethod
     def _lora_request(adapter):
@@ -170,10 +183,14 @@ class KoreLLM:
 
         return LoRARequest(adapter.name, adapter.lora_id, str(adapter.path))
 
-    async def _lora(self, model: str):
-        """The LoRARequest for a request's model (None: the base); rescans for unknown names."""
+    async def _lora(self, model) -> None:
+        """Refuse a request's model unless it is the base or a served adapter (rescans for
+        unknown names and, at most every adapter_rescan_s, for rewritten ones)."""
+        if not isinstance(model, str) or not model:
+            raise APIError(400, "invalid request: model: a non-empty string is required",
+                           param="model")
         if model == self.name:
-            return None
+            return
         try:
             check_name(model)
         except AdapterError as e:
@@ -190,40 +207,6 @@ class KoreLLM:
         if adapter.error is not None:
             raise APIError(400, f"adapter {model!r} cannot be served: {adapter.error}",
                            param="model", code="invalid_adapter")
-        return self._lora_request(adapter)
-
-    @staticmethod
-    def _params(req):
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
-        kwargs = sampling_kwargs(req)
-        if "structured_outputs" in kwargs:
-            kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
-        try:
-            return SamplingParams(**kwargs)
-        except ValueError as e:
-            raise APIError(400, f"invalid sampling settings: {e}") from None
-
-    async def _generate(self, prompt: dict, params, lora, tokenization_kwargs=None):
-        """The finished RequestOutput; the engine's refusals of a request are 4xx."""
-        from vllm.exceptions import GracefulHTTPError, VLLMClientError
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        final = None
-        try:
-            async for out in self.engine.generate(
-                prompt, params, uuid.uuid4().hex, lora_request=lora,
-                tokenization_kwargs=tokenization_kwargs,
-            ):
-                final = out
-        except GracefulHTTPError as e:
-            raise APIError(int(e.http_status), str(e)) from None
-        except (VLLMClientError, ValueError) as e:  # prompt too long, token id out of range, ...
-            raise APIError(400, str(e)) from None
-        except EngineDeadError:
-            raise APIError(503, "this replica's engine died; retry (Serve replaces it)") from None
-        return final
 
 
 def build_app(cfg: PipelineConfig):

@@ -48,6 +48,7 @@ from pathlib import Path
 from kore_ray.config import PipelineConfig
 from kore_ray.data.schemas import Conversation
 from kore_ray.errors import InputError
+from kore_ray.logs import train_logging
 from kore_ray.run_dir import (
     DONE_RECORD,
     METRICS,
@@ -231,6 +232,7 @@ def run_train(
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            **({"logging_config": train_logging()} if train_logging() else {}),
         ),
         datasets=_shards(cfg, conversations, schedule, progress),
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ordered),
