@@ -80,11 +80,12 @@ def _first_token_s(url: str, prompts: list[str], models: list[str], tokens: int)
                     "model": models[i % len(models)], "prompt": prompt, "max_tokens": tokens,
                     "temperature": 0, "stream": True}) as r:
                 r.raise_for_status()
-                for line in r.iter_lines():
+                lines = r.iter_lines()
+                for line in lines:
                     if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
                         waits.append(time.perf_counter() - start)
                         break
-                for _ in r.iter_lines():  # the rest of the stream
+                for _ in lines:  # the rest of the stream
                     pass
     return waits
 

@@ -77,7 +77,10 @@ def test_register_swaps_the_cpu_wrapper_ops():
     assert cpu_lora._ORIGINAL["bgmv_expand"] is ref.bgmv_expand
 
 
-@pytest.mark.parametrize("indices", [[0, 0, 2, 1, -1, 1, 0, 2, 2, -1, 0], [1] * TOKENS, [-1] * TOKENS])
+@pytest.mark.parametrize("indices", [
+    [0, 0, 2, 1, -1, 1, 0, 2, 2, -1, 0],  # decode-like, balanced: one padded batch
+    [0] * 9 + [1, 2],  # one long, two short: padding would triple the rows, so groups
+    [1] * TOKENS, [-1] * TOKENS])
 def test_add_lora_linear_matches_the_wrappers_own(indices):
     """The fused layer method (q/k/v-like 3 slices, scaling 0.5) equals PunicaWrapperCPU's own
     method on the per-op grouped ops (vLLM's reference ops read index -1 as the last slot, the

@@ -109,29 +109,80 @@ def _step_groups(indices: torch.Tensor) -> list:
     return _GROUPS[key]
 
 
-def _stacked_a(lora_a_stacked, slot: int) -> torch.Tensor:
-    """The slot's A of every slice, stacked (n r x in), cached until a slot is rewritten."""
+def _stacked_a(lora_a_stacked, slot: int | None) -> torch.Tensor:
+    """The slot's A of every slice, stacked (n r x in; slot None: every slot's,
+    slots x n r x in), cached until a slot is rewritten."""
     if len(lora_a_stacked) == 1:
-        return _weights(lora_a_stacked[0])[slot]
+        whole = _weights(lora_a_stacked[0])
+        return whole if slot is None else whole[slot]
     key = (tuple(a.data_ptr() for a in lora_a_stacked), slot)
     versions = tuple(a._version for a in lora_a_stacked)
     hit = _STACKED_A.get(key)
     if hit is None or hit[0] != versions:
-        hit = _STACKED_A[key] = (versions, torch.cat([_weights(a)[slot] for a in lora_a_stacked]))
+        parts = [_weights(a) if slot is None else _weights(a)[slot] for a in lora_a_stacked]
+        hit = _STACKED_A[key] = (versions, torch.cat(parts, dim=-2))
     return hit[1]
+
+
+_PLAN: dict = {}  # the step's batched layout: (indices' storage, length, version) -> plan
+
+
+def _step_plan(indices: torch.Tensor, slots: int):
+    """(src, dest, per_slot): token src[i] goes to row dest[i] of a (slots x per_slot) padded
+    batch, tokens of one adapter side by side; None when padding would more than double the
+    rows (a long prefill of one adapter beside a short one: the groups path is cheaper)."""
+    key = (indices.data_ptr(), indices.numel(), indices._version, slots)
+    if key not in _PLAN:
+        _PLAN.clear()
+        src = (indices >= 0).nonzero().squeeze(1)
+        slot = indices[src]
+        counts = torch.bincount(slot, minlength=slots)
+        per_slot = int(counts.max()) if src.numel() else 0
+        plan = None
+        if src.numel() and slots * per_slot <= 2 * src.numel():
+            order = torch.argsort(slot, stable=True)
+            src, slot = src[order], slot[order]
+            within = torch.arange(src.numel()) - (torch.cumsum(counts, 0) - counts)[slot]
+            plan = (src, slot * per_slot + within, per_slot)
+        _PLAN[key] = plan
+    return _PLAN[key]
+
+
+def _batched(y, x, lora_a_stacked, lora_b_stacked, scale, width, plan) -> None:
+    """The decode case, all adapters at once: one padded gather, one bmm for every slice's A,
+    one bmm per slice's B, one scatter-add; padding rows are zeros and add nothing."""
+    src, dest, per_slot = plan
+    slots, rank = lora_a_stacked[0].shape[0], lora_b_stacked[0].shape[-1]
+    padded = x.new_zeros(slots * per_slot, x.shape[1])
+    padded[dest] = x[src]
+    a = _stacked_a(lora_a_stacked, None)  # (slots, n r, in)
+    h = torch.bmm(padded.view(slots, per_slot, -1), a.transpose(1, 2))
+    if scale != 1.0:
+        h = h * scale
+    parts = [torch.bmm(h[:, :, i * rank:(i + 1) * rank], _weights(b).transpose(1, 2))
+             for i, b in enumerate(lora_b_stacked)]
+    delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    y[:, :width].index_add_(0, src, delta.view(slots * per_slot, width)[dest])
 
 
 def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *,
                     buffer=None, **kwargs):
     """y[:, slice i] += scale * x A_i^T B_i^T for each token's adapter (PunicaWrapperCPU's
-    method, grouped); other shapes go to the wrapper's own method."""
+    method, grouped or batched); other shapes go to the wrapper's own method."""
     indices = self.token_lora_indices
     if indices.numel() != x.shape[0] or y.shape[0] != x.shape[0] or kwargs:
         return _ORIGINAL["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale,
                                             output_slices, buffer=buffer, **kwargs)
     rank = lora_b_stacked[0].shape[-1]
     width = sum(output_slices)
-    for slot, rows in _step_groups(indices):
+    groups = _step_groups(indices)
+    same = x.dtype == y.dtype == lora_a_stacked[0].dtype == lora_b_stacked[0].dtype
+    if len(groups) > 1 and same:
+        plan = _step_plan(indices, lora_a_stacked[0].shape[0])
+        if plan is not None:
+            _batched(y, x, lora_a_stacked, lora_b_stacked, scale, width, plan)
+            return y
+    for slot, rows in groups:
         xs = x[rows].to(y.dtype)
         h = xs @ _stacked_a(lora_a_stacked, slot).to(y.dtype).T
         if scale != 1.0:
@@ -151,13 +202,33 @@ OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_e
 _ORIGINAL: dict = {}
 
 
+def no_busy_wait() -> None:
+    """vLLM's engine and its worker wait for each other on a shared-memory queue by spinning
+    (sched_yield) for 1 s after each message: on a GPU host that costs a spare core; on a
+    CPU host the spinning reader competes with the worker's compute threads for the cores
+    the model runs on (py-spy: the engine process on CPU 94% of the time, spinning, while the
+    worker computed). Readers then sleep on the queue's notify socket, which every write
+    signals."""
+    try:
+        from vllm.distributed.device_communicators import shm_broadcast
+    except ImportError:
+        return
+    init = shm_broadcast.SpinCondition.__init__
+    if init.__defaults__ == (1,):  # busy_loop_s, the only default
+        init.__defaults__ = (0,)
+
+
 def register() -> None:
-    """vLLM plugin hook: swap the CPU punica wrapper's ops (and its add_lora_linear) for the
-    grouped ones."""
+    """vLLM plugin hook (CPU only): swap the CPU punica wrapper's ops (and its
+    add_lora_linear) for the grouped ones, and turn off the queue's busy wait."""
     try:
         from vllm.lora.punica_wrapper import punica_cpu
+        from vllm.platforms import current_platform
     except ImportError:  # a vLLM without the CPU wrapper: nothing to do
         return
+    if not current_platform.is_cpu():
+        return
+    no_busy_wait()
     for name in OPS:
         current = getattr(punica_cpu, name)
         if current is not globals()[name]:
