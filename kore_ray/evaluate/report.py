@@ -10,6 +10,20 @@ from pathlib import Path
 from kore_ray.run_dir import RunDir, atomic_write
 
 
+def _save(fig, path: Path) -> Path:
+    """Write a figure whole or not at all (a temporary file renamed into place)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def plot(results: dict, path: Path) -> Path:
     """Adaptation (x) against retention (y), one point per method: up and right is better."""
     import matplotlib
@@ -25,14 +39,7 @@ def plot(results: dict, path: Path) -> Path:
     ax.set(xlim=(-0.05, 1.05), ylim=(-0.05, 1.05), xlabel="adaptation (CEM on new knowledge)",
            ylabel="retention (old facts kept)", title="Knowledge injection: adaptation vs retention")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def loss_plot(run_dir: str | Path, methods: list[str], path: Path) -> Path | None:
@@ -58,13 +65,7 @@ def loss_plot(run_dir: str | Path, methods: list[str], path: Path) -> Path | Non
     ax.set(xlabel="step", ylabel="training loss (assistant tokens)", title="How each method trained")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def _cell(text) -> str:
