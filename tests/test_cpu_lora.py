@@ -107,3 +107,16 @@ def test_add_lora_linear_matches_the_wrappers_own(indices):
         cpu_lora.add_lora_linear(wrapper, got, x, a, b, 0.5, slices)
         torch.testing.assert_close(got, want)
         a[1][:, 0].add_(1.0)  # an adapter loaded into every slot: the next pass must see it
+
+
+def test_the_per_step_caches_keep_their_tensors_alive():
+    """Caches are keyed by storage address: an entry keeps its tensor alive, so a later step's
+    indices (or another test's wrapper) cannot reuse that memory and hit a stale entry."""
+    import weakref
+
+    idx = torch.tensor([0, 1, 1, 0])
+    alive = weakref.ref(idx)
+    cpu_lora._step_groups(idx)
+    cpu_lora._step_plan(idx, 2)
+    del idx
+    assert alive() is not None

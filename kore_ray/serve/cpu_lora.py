@@ -97,16 +97,18 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
                       add_inputs)
 
 
+# Caches keyed by storage address. Each entry holds a reference to the tensors it was made
+# from, so that memory cannot be freed and reused by another tensor while the entry lives.
 _GROUPS: dict = {}  # the token groups of the step: (indices' storage, length, version) -> groups
-_STACKED_A: dict = {}  # (slices' A storage, slot) -> (versions, [A_1; ...; A_n] of that slot)
+_STACKED_A: dict = {}  # (slices' A storage, slot) -> (versions, [A_1; ...; A_n], the A tensors)
 
 
 def _step_groups(indices: torch.Tensor) -> list:
     key = (indices.data_ptr(), indices.numel(), indices._version)
     if key not in _GROUPS:
         _GROUPS.clear()
-        _GROUPS[key] = list(_groups(indices))
-    return _GROUPS[key]
+        _GROUPS[key] = (list(_groups(indices)), indices)
+    return _GROUPS[key][0]
 
 
 def _stacked_a(lora_a_stacked, slot: int | None) -> torch.Tensor:
@@ -120,7 +122,7 @@ def _stacked_a(lora_a_stacked, slot: int | None) -> torch.Tensor:
     hit = _STACKED_A.get(key)
     if hit is None or hit[0] != versions:
         parts = [_weights(a) if slot is None else _weights(a)[slot] for a in lora_a_stacked]
-        hit = _STACKED_A[key] = (versions, torch.cat(parts, dim=-2))
+        hit = _STACKED_A[key] = (versions, torch.cat(parts, dim=-2), lora_a_stacked)
     return hit[1]
 
 
@@ -144,8 +146,8 @@ def _step_plan(indices: torch.Tensor, slots: int):
             src, slot = src[order], slot[order]
             within = torch.arange(src.numel()) - (torch.cumsum(counts, 0) - counts)[slot]
             plan = (src, slot * per_slot + within, per_slot)
-        _PLAN[key] = plan
-    return _PLAN[key]
+        _PLAN[key] = (plan, indices)
+    return _PLAN[key][0]
 
 
 def _batched(y, x, lora_a_stacked, lora_b_stacked, scale, width, plan) -> None:
