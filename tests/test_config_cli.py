@@ -180,10 +180,12 @@ def test_inject_dry_run_flag(tmp_path, capsys):
 def test_a_knowledge_text_longer_than_max_length_is_a_warning_naming_the_row(tmp_path):
     from kore_ray.augment.augment_stage import long_items
     from kore_ray.config import load_config
+    from kore_ray.data.io import read_records
+    from kore_ray.data.schemas import KnowledgeItem
 
     model, data = _dry_run_inputs(tmp_path)
     cfg = load_config(overrides=[f"model.name_or_path={model}", "train.max_length=128",
                                  f"data.knowledge={data['knowledge']}"])
-    warnings = long_items(cfg)
+    warnings = long_items(cfg, read_records(data["knowledge"], KnowledgeItem))
     assert len(warnings) == 1 and warnings[0].startswith(f"{data['knowledge']}:2: knowledge: ")
     assert "'k2'" in warnings[0] and "train.max_length 128" in warnings[0]

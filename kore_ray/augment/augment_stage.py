@@ -292,31 +292,31 @@ def fact_tree(item: KnowledgeItem, generators: list[str], self_outcome, dialogue
     return convs + dialogue_conversations(item, grounded), failures, rejected
 
 
-def long_items(cfg: PipelineConfig) -> list[str]:
+def long_items(cfg: PipelineConfig, items: list[KnowledgeItem]) -> list[str]:
     """A warning, naming file and line, for each knowledge text longer than train.max_length
     tokens: its paragraph conversation would be cut there in training, silently."""
-    from kore_ray.data.io import iter_rows
-
     limit = cfg.train.max_length
     # A token is at least one character: only longer texts need the tokenizer.
-    rows = [(row.line, row.record) for row in iter_rows(cfg.data.knowledge, KnowledgeItem)
-            if row.record is not None and len(row.record.knowledge) > limit]
-    if not rows:
+    candidates = [item for item in items if len(item.knowledge) > limit]
+    if not candidates:
         return []
     from transformers import AutoTokenizer
 
+    from kore_ray.data.io import iter_rows
     from kore_ray.models.loading import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path))
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
-    warnings = []
-    for line, item in rows:
-        n = len(tokenizer(item.knowledge, add_special_tokens=False).input_ids)
-        if n > limit:
-            warnings.append(f"{cfg.data.knowledge}:{line}: knowledge: {n} tokens (item "
-                            f"{item.id!r}), longer than train.max_length {limit}: its paragraph "
-                            "conversation is cut there; raise train.max_length or split the item")
-    return warnings
+    counts = {item.id: len(tokenizer(item.knowledge, add_special_tokens=False).input_ids)
+              for item in candidates}
+    long = {i: n for i, n in counts.items() if n > limit}
+    if not long:
+        return []
+    lines = {row.record.id: row.line for row in iter_rows(cfg.data.knowledge, KnowledgeItem)
+             if row.record is not None and row.record.id in long}  # only to name the lines
+    return [f"{cfg.data.knowledge}:{lines[i]}: knowledge: {n} tokens (item {i!r}), longer than "
+            f"train.max_length {limit}: its paragraph conversation is cut there; raise "
+            "train.max_length or split the item" for i, n in long.items()]
 
 
 def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
@@ -338,7 +338,7 @@ def run_augment(cfg: PipelineConfig, progress: bool = True) -> dict:
     if use_llm and not acfg.model:
         raise InputError("augment.model must be set when augment.base_url is")
     items = read_records(cfg.data.knowledge, KnowledgeItem)
-    too_long = long_items(cfg)
+    too_long = long_items(cfg, items)
     for warning in too_long:
         print(f"kore augment: warning: {warning}", flush=True)
     run_dir = RunDir(cfg.run_dir)
