@@ -87,6 +87,13 @@ class RunDir:
     def train(self, method: str) -> Path:
         return self.root / "train" / method
 
+    def train_metrics(self, method: str) -> list[dict]:
+        """The method's training steps, one dict each, from its metrics.jsonl ([] if none)."""
+        path = self.train(method) / METRICS
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"

@@ -15,12 +15,11 @@ package; kore-ray itself needs only mlflow-skinny). `tracking.uri` names a share
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from kore_ray.config import PipelineConfig
-from kore_ray.run_dir import METRICS, RunDir
+from kore_ray.run_dir import RunDir
 
 STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "step_s")
 EVAL_METRICS = ("adaptation_cem", "adaptation_f1", "retention")
@@ -41,12 +40,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def _steps(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _run_id(client, experiment_id: str, run_dir: str, name: str) -> str:
@@ -88,7 +81,7 @@ def log_run(cfg: PipelineConfig, results: dict, artifacts: list[Path]) -> str | 
             existing = client.get_run(run_id).data.params
             params = [Param(k, str(v)[:6000]) for k, v in _flat(settings).items()
                       if k not in existing]  # MLflow params are write-once
-            steps = _steps(RunDir(cfg.run_dir).train(name) / METRICS)
+            steps = RunDir(cfg.run_dir).train_metrics(name)
             if len(client.get_metric_history(run_id, "train/loss")) == len(steps):
                 steps = []  # logged by an earlier call: history is append-only
             for step in steps:

@@ -49,13 +49,10 @@ def loss_plot(run_dir: str | Path, methods: list[str], path: Path) -> Path | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kore_ray.run_dir import METRICS
-
     curves = {}
     for m in methods:
-        metrics = RunDir(run_dir).train(m) / METRICS
-        if metrics.is_file():
-            steps = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        steps = RunDir(run_dir).train_metrics(m)
+        if steps:
             curves[m] = ([s["step"] for s in steps], [s["loss"] for s in steps])
     if not curves:
         return None
