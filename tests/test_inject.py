@@ -80,7 +80,7 @@ def test_inject_runs_every_stage_then_skips_them(ray_local, tmp_path, capsys):
     answers = pq.read_table(run_dir / "eval" / "predictions.parquet").to_pylist()
     assert len(answers) == 3 * (len(QUESTIONS) + 4)  # base, kore, lora: every answer kept
     assert {a["method"] for a in answers} == {"base", "kore", "lora"}
-    assert all(a["prediction"] is not None for a in answers)
+    assert all(a["prediction"] is not None for a in answers), [a for a in answers if a["prediction"] is None]
 
     before = _stamps(run_dir)
     conversations = (run_dir / "augmented" / "conversations.parquet").read_bytes()

@@ -83,4 +83,9 @@ def ask(requests: list[dict], base_url: str, *, api_key: str = "EMPTY", max_toke
             for row in batch.to_pylist():
                 out[(row["model"], row["id"])] = row
                 bar.update(1)
+    failed = [r for r in out.values() if r["error"] is not None]
+    if failed:  # scored as wrong answers; said here so that a broken endpoint is not mistaken for a bad model
+        first = failed[0]
+        print(f"kore {desc}: {len(failed)} of {len(out)} requests failed after retries "
+              f"(first: {first['model']} {first['id']}: {first['error'][:300]})")
     return out
