@@ -1,18 +1,18 @@
 """Covariance stage scaling and overhead on the embedded Gemma 3 270M (CPU), in one run.
 
 On a fixed set of generated English-like retention sentences:
-- the distributed stage (Ray Data, `covariance_dataset` + `reduce_partials`) with 1 and then
-  2 model actors on the same micro-batches: tokens/s once every actor has returned its first
-  task (what a long job sees; scaling_2_vs_1 is their ratio), and end to end from the start
-  of execution (actor start-up and model loading included, which a short job pays);
+- the distributed stage (`collect_distributed`: actors, partials, reducers) with 1 and then
+  2 model actors on the same micro-batches: tokens/s once every actor has loaded its model
+  (what a long job sees; scaling_2_vs_1 is their ratio), and end to end (actor start-up,
+  model loading and the reducers included, which a short job pays);
 - exactness: both against the core's `collect_covariance` run in this process on the same
   micro-batches with one thread like an actor's (max relative error of the float64 sums;
   token counts must be equal). More threads change the float32 forward's rounding (~1e-7
   relative here), which is a kernel effect, not a distribution one;
-- actor-side overhead: inside one actor like the pool's (1 CPU), the time of one covariance
-  call over all the sequences (hooks, x x^T per group, packing the partial sums: a task of
-  that size) against a plain forward pass of the decoder body (no lm_head) over the same
-  micro-batches, the least of two alternating rounds each.
+- actor-side overhead: inside one actor like the stage's (1 CPU), the time of adding every
+  sequence as one task and saving the sums (hooks, x x^T per group, one partial written)
+  against a plain forward pass of the decoder body (no lm_head) over the same micro-batches,
+  the least of two alternating rounds each.
 
     python benchmarks/covariance_scaling.py [--sequences 96 --batch-size 8 --per-task 16]
 
@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -35,26 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np
 import ray
 import torch
 
 from kore_ray.config import CovarianceConfig
 from kore_ray.constraint.covariance import collect_covariance
-from kore_ray.constraint.covariance_stage import (
-    CovarianceWorker,
-    Tokenize,
-    batch_table,
-    covariance_dataset,
-    model_spec,
-    reduce_partials,
-)
-from kore_ray.constraint.retention import (
-    pack_upper,
-    plan_batches,
-    read_retention,
-    text_inputs,
-)
+from kore_ray.constraint.covariance_stage import collect_distributed, remote_model_spec
+from kore_ray.constraint.partials import CovarianceActor, task_table
+from kore_ray.constraint.retention import plan_batches, read_retention, text_inputs, tokenize_texts
+from kore_ray.constraint.store import load_store
 from kore_ray.models.gemma import embedded_gemma_path
 from kore_ray.models.loading import load_model
 
@@ -79,24 +69,24 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 
 @ray.remote(num_cpus=1)
 class OverheadTimer:
-    """A covariance actor as the pool builds it, timing its call against a plain forward."""
+    """A covariance actor as the stage builds it, timing a task against a plain forward."""
 
-    def __init__(self, spec, max_length: int):
-        self.worker = CovarianceWorker(spec, "none", max_length, "cpu")
+    def __init__(self, spec, max_length: int, partials_dir: str):
+        keys = [g.key for g in spec.groups]
+        self.actor = CovarianceActor(spec, keys, "none", max_length, "cpu", partials_dir)
 
-    def forward(self, tables) -> float:
-        body = self.worker.model.base_model  # the decoder without lm_head, as the core runs it
+    def forward(self, table) -> float:
+        body = self.actor.model.base_model  # the decoder without lm_head, as the core runs it
         start = time.perf_counter()
         with torch.inference_mode():
-            for table in tables:
-                for ids in table.column("input_ids").to_pylist():
-                    body(**text_inputs(ids, self.worker.pad_id), use_cache=False)
+            for inputs in self.actor._batches(table):
+                body(**inputs, use_cache=False)
         return time.perf_counter() - start
 
-    def covariance(self, tables) -> float:
+    def covariance(self, table) -> float:
         start = time.perf_counter()
-        for table in tables:
-            self.worker(table)
+        self.actor.add(0, table)
+        self.actor.flush()
         return time.perf_counter() - start
 
 
@@ -105,41 +95,38 @@ class Run:
     sums: dict
     tokens: dict
     samples: int
-    calls: list  # (seconds since start, tokens) per actor call, in arrival order
-    total_s: float
+    tasks: int
+    ready_s: float  # actors up and models loaded
+    done_s: float  # every task saved
+    total_s: float  # the store written
 
     def end_to_end(self) -> float:
-        """Tokens/s from the start of execution: actor start-up and model loading included."""
-        return sum(n for _, n in self.calls) / self.total_s
+        """Tokens/s from the start: actor start-up, model loading and the reducers included."""
+        return self.tokens_total / self.total_s
 
-    def steady(self, actors: int) -> float:
-        """Tokens/s once every actor has finished one call: start-up excluded."""
-        (t0, _), rest = self.calls[actors - 1], self.calls[actors:]
-        return sum(n for _, n in rest) / (self.calls[-1][0] - t0)
+    def steady(self) -> float:
+        """Tokens/s once every actor is up: start-up and the reducers excluded."""
+        return self.tokens_total / (self.done_s - self.ready_s)
+
+    @property
+    def tokens_total(self) -> int:
+        return next(iter(self.tokens.values()))
 
 
-def distributed_run(batches, spec, tokenizer, cov) -> Run:
-    """One pool size on the batches, timing each call's partial sums as they arrive."""
-    first, calls = spec.groups[0].key, []
+def distributed_run(batches, spec, cov, root: Path) -> Run:
+    """One actor count on the batches, into a store under `root`."""
     start = time.perf_counter()
-
-    def timed(outputs):
-        for table in outputs:
-            now = time.perf_counter() - start
-            for key, n in zip(table.column("group").to_pylist(), table.column("tokens").to_pylist()):
-                if key == first:  # every call returns exactly one row per group
-                    calls.append((now, n))
-            yield table
-
-    ds = covariance_dataset(batches, spec, tokenizer, cov)
-    sums, tokens, samples = reduce_partials(
-        timed(ds.iter_batches(batch_size=None, batch_format="pyarrow")), spec
-    )
-    return Run(sums, tokens, samples, calls, time.perf_counter() - start)
+    stats = collect_distributed(batches, spec, cov, root / "covariance", root / "partials",
+                                progress=False)
+    total = time.perf_counter() - start
+    store = load_store(root / "covariance")
+    p = stats["partials"][0]
+    return Run({k: store.sums[k] for k in store.sums}, store.tokens, store.samples,
+               stats["tasks"], p["ready_s"], p["done_s"], total)
 
 
 def rel_err(sums, reference) -> float:
-    return max(float(np.abs(sums[k] - reference[k]).max() / np.abs(reference[k]).max())
+    return max(float((sums[k] - reference[k]).abs().max() / reference[k].abs().max())
                for k in reference)
 
 
@@ -152,27 +139,25 @@ def main() -> None:
     args = parser.parse_args()
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     model_dir = str(embedded_gemma_path())
-    spec, tokenizer = model_spec(model_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        text = Path(tmp, "retention.txt")
-        text.write_text("\n".join(sentences(args.sequences)) + "\n")
-        items = read_retention(text, tokenizer)
+    spec = remote_model_spec(model_dir)
+    model, tokenizer = load_model(model_dir)
+    work = Path(tempfile.mkdtemp(prefix="covariance-scaling-"))
+    text = work / "retention.txt"
+    text.write_text("\n".join(sentences(args.sequences)) + "\n")
+    items = read_retention(text, tokenizer)
     batches = plan_batches(items, args.batch_size)
 
     # Single-process reference on the same micro-batches, one thread like each actor.
-    model, _ = load_model(model_dir)
-    tokenized = Tokenize(tokenizer, args.max_length)(batch_table(batches))
     torch.set_num_threads(1)
     start = time.perf_counter()
     reference = collect_covariance(
         model,
-        (text_inputs(ids, tokenizer.pad_token_id) for ids in tokenized.column("input_ids").to_pylist()),
+        (text_inputs(tokenize_texts(tokenizer, [i.text for i in b], args.max_length),
+                     tokenizer.pad_token_id) for b in batches),
         list(spec.groups),
     )
     reference_s = time.perf_counter() - start
-    ref_packed = {k: pack_upper(v) for k, v in reference.sums.items()}
     del model
     n_tokens = reference.tokens[spec.groups[0].key]
 
@@ -180,24 +165,22 @@ def main() -> None:
     for actors in (1, 2):
         cov = CovarianceConfig(batch_size=args.batch_size, sequences_per_task=args.per_task,
                                max_length=args.max_length, num_actors=actors, use_gpu=False)
-        run = distributed_run(batches, spec, tokenizer, cov)
+        run = distributed_run(batches, spec, cov, work / f"actors{actors}")
         if run.tokens != reference.tokens or run.samples != reference.samples:
             raise SystemExit(f"{actors} actor(s): counts differ from the single process: "
                              f"{run.samples} vs {reference.samples} sequences")
-        if len(run.calls) <= actors:
-            raise SystemExit("too few tasks to time past start-up: lower --per-task")
         runs[actors] = run
 
-    timer = OverheadTimer.remote(spec, args.max_length)
-    tables = [tokenized]  # one call over every sequence: a task's fixed costs amortised
-    rounds = [ray.get([timer.forward.remote(tables), timer.covariance.remote(tables)])
+    timer = OverheadTimer.remote(spec, args.max_length, str(work / "timer"))
+    table = ray.put(task_table(batches))  # one task over every sequence: fixed costs amortised
+    rounds = [ray.get([timer.forward.remote(table), timer.covariance.remote(table)])
               for _ in range(2)]
     forward_s = min(r[0] for r in rounds)
     covariance_s = min(r[1] for r in rounds)
 
-    scaling = runs[2].steady(2) / runs[1].steady(1)
+    scaling = runs[2].steady() / runs[1].steady()
     overhead = covariance_s / forward_s
-    errors = {actors: rel_err(run.sums, ref_packed) for actors, run in runs.items()}
+    errors = {actors: rel_err(run.sums, reference.sums) for actors, run in runs.items()}
     rows = [
         ("data", f"{len(items)} seqs", (f"{n_tokens} tokens, micro-batch {args.batch_size}, "
                                         f"{args.per_task} seqs/task, Gemma 3 270M fp32 on CPU")),
@@ -205,11 +188,11 @@ def main() -> None:
     ]
     for actors, run in runs.items():
         rows += [
-            (f"{actors} actor(s), after start-up", f"{run.steady(actors):.0f} tok/s",
-             f"{len(run.calls)} tasks; rel err vs single process {errors[actors]:.1e}"),
+            (f"{actors} actor(s), after start-up", f"{run.steady():.0f} tok/s",
+             f"{run.tasks} tasks; rel err vs single process {errors[actors]:.1e}"),
             (f"{actors} actor(s), end to end", f"{run.end_to_end():.0f} tok/s",
-             (f"{run.total_s:.1f} s, first partial sums after {run.calls[0][0]:.1f} s "
-             "(actor start-up + 1 task)")),
+             (f"{run.total_s:.1f} s: actors up after {run.ready_s:.1f} s, "
+              f"reduced in {run.total_s - run.done_s:.1f} s")),
         ]
     rows += [
         ("2 vs 1 actor sums", f"{rel_err(runs[2].sums, runs[1].sums):.1e}",
@@ -219,13 +202,14 @@ def main() -> None:
          "2 actors cannot scale much here")),
         ("plain forward in actor", f"{forward_s:.2f} s",
          f"all {len(items)} seqs, decoder body, no lm_head, 1 CPU"),
-        ("covariance call in actor", f"{covariance_s:.2f} s",
-         (f"same batches: overhead {100 * (overhead - 1):.0f}% (x x^T per group costs "
-         "d^2 per token)")),
+        ("covariance task in actor", f"{covariance_s:.2f} s",
+         (f"same batches, sums saved: overhead {100 * (overhead - 1):.0f}% (x x^T per group "
+          "costs d^2 per token)")),
     ]
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>13}  {note}")
+    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"scaling_2_vs_1": round(scaling, 3), "overhead_vs_forward": round(overhead, 3),
                       "exact_rel_err": max(errors.values())}))
 

@@ -112,9 +112,15 @@ class CovarianceConfig(_Section):
     batch_size: PositiveInt = 8  # sequences per forward pass (micro-batch) inside an actor
     max_length: PositiveInt = 256  # tokens per sequence; longer text is truncated
     num_actors: PositiveInt = 1  # model replicas; one GPU each when use_gpu
-    # Sequences per Ray task. Each task returns its partial sums (d x d per target group)
-    # through the object store once, so at scale make a task minutes of model time.
+    # Sequences per Ray task: the unit an actor is handed, and redone when an actor is lost.
     sequences_per_task: PositiveInt = 256
+    # Each actor saves its sums to the run directory this often (and at the end): a lost
+    # actor loses at most this much work. A save writes every target group (8 d^2 bytes each).
+    flush_interval_s: float = Field(600.0, ge=0)
+    num_reducers: PositiveInt = 2  # tasks that add the actors' saved sums, a shard of groups each
+    # Passes over the data, each summing a shard of the target groups: an actor then holds
+    # 1/passes of the store (70B widths need this; see docs/DESIGN.md, memory model).
+    passes: PositiveInt = 1
     use_gpu: bool | None = None  # None: a GPU per actor when the cluster has GPUs
     # "none": raw x x^T; "sample_max": each sample divided by its |max| (KORE reference code).
     normalize: Literal["none", "sample_max"] = "none"

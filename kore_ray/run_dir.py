@@ -6,6 +6,7 @@ never spell one. Layout (relative to `run_dir` in the config, a local or shared 
   augmented/conversations.parquet   the knowledge trees (augment)
   augmented/failures.parquet, summary.json, cache/
   covariance/                       the retention covariance store (covariance)
+  covariance.partials/              actors' saved sums while covariance runs (then removed)
   init/<method>/                    the initialised trainable model (init)
   train/<method>/run.json, done.json, metrics.jsonl   (train)
   checkpoints/<run name>/           Ray Train's checkpoints (train)
@@ -79,6 +80,10 @@ class RunDir:
     @property
     def covariance(self) -> Path:
         return self.root / "covariance"
+
+    @property
+    def covariance_partials(self) -> Path:
+        return self.root / "covariance.partials"
 
     def init(self, method: str) -> Path:
         return self.root / "init" / method

@@ -16,6 +16,7 @@ from PIL import Image
 
 from kore_ray.config import load_config
 from kore_ray.constraint import covariance_stage as distributed
+from kore_ray.constraint import partials
 from kore_ray.constraint.covariance import collect_covariance
 from kore_ray.constraint.covariance_stage import run_covariance
 from kore_ray.constraint.retention import (
@@ -126,7 +127,9 @@ def one_actor_run(setup, ray_local):
 def test_one_and_two_actors_give_the_single_process_result(setup, reference, one_actor_run, ray_local):
     root, model_dir, retention = setup
     _, one = one_actor_run
-    two = run_covariance(_config(model_dir, retention, root / "run2", num_actors=2), progress=False)
+    # Two actors, the groups split over two passes and three reducers: the same store.
+    two = run_covariance(_config(model_dir, retention, root / "run2", num_actors=2, passes=2,
+                                 num_reducers=3), progress=False)
     _assert_same(one, reference)
     _assert_same(two, reference)
     # Every non-padding token of the input, tokenised as every other stage does, once.
@@ -140,25 +143,32 @@ def test_one_and_two_actors_give_the_single_process_result(setup, reference, one
     assert len(loaded.data_fingerprints) == 1
 
 
-def test_a_killed_actor_neither_loses_nor_double_counts(setup, reference, ray_local, tmp_path, monkeypatch):
+@pytest.mark.parametrize("flush_interval_s, redone", [(600, 1), (0, 0)])
+def test_a_killed_actor_neither_loses_nor_double_counts(setup, reference, ray_local, tmp_path,
+                                                        monkeypatch, capsys, flush_interval_s, redone):
+    """An actor dies in its second task. 600 s: it had saved nothing, so its first task is
+    redone; 0: it saved after every task, so its first task's partial counts as it is."""
     _, model_dir, retention = setup
     marker = tmp_path / "killed"
-    victim = "s0-13"  # in some task other than the first to finish
 
-    class DiesOnce(distributed.CovarianceWorker):
-        """Kills its own process on the first attempt of the task holding `victim`."""
+    class DiesOnce(partials.CovarianceActor):
+        """Kills its own process at the start of its second task, once in the whole run."""
 
-        def __call__(self, table):
-            ids = {i for row in table.column("ids").to_pylist() for i in row}
-            if victim in ids and not marker.exists():
+        def add(self, task, table):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 2 and not marker.exists():
                 marker.touch()
                 os._exit(1)
-            return super().__call__(table)
+            return super().add(task, table)
 
-    monkeypatch.setattr(distributed, "CovarianceWorker", DiesOnce)
-    store = run_covariance(_config(model_dir, retention, tmp_path / "run", num_actors=2), progress=False)
+    monkeypatch.setattr(distributed, "CovarianceActor", DiesOnce)
+    cfg = _config(model_dir, retention, tmp_path / "run", num_actors=2, sequences_per_task=4,
+                  flush_interval_s=flush_interval_s)  # 6 tasks
+    store = run_covariance(cfg, progress=False)
     assert marker.exists()  # an actor did die mid-run
+    assert f"restarted; redoing {redone} unsaved task(s)" in capsys.readouterr().err
     _assert_same(store, reference)
+    assert not (tmp_path / "run" / "covariance.partials").exists()
 
 
 def test_rerun_on_the_same_data_is_skipped(setup, one_actor_run, capsys):
@@ -190,7 +200,7 @@ def test_new_data_adds_to_an_existing_store(setup, one_actor_run, ray_local, tmp
         run_covariance(cfg_b, add_to=str(tmp_path / "run" / "covariance"), progress=False)
 
 
-def test_a_store_for_another_model_is_refused(setup, tmp_path):
+def test_a_store_for_another_model_is_refused(setup, ray_local, tmp_path):
     _, model_dir, retention = setup
     other, tokenizer = tiny_text_model("llama", seed=1)
     foreign = collect_covariance(other, [dict(tokenizer("hello", return_tensors="pt"))], find_target_groups(other))

@@ -90,6 +90,31 @@ class CovarianceAccumulator:
         self._unmirrored.clear()
         return self._sums
 
+    def store(self, data_fingerprint: str | None = None) -> CovarianceStore:
+        """The sums so far as a store (on CPU; shares the accumulator's tensors there)."""
+        missing = [g.key for g in self.groups if g.key not in self._sums]
+        if missing:
+            raise InputError(f"no tokens reached target groups {missing}: empty or fully padded data?")
+        return CovarianceStore(
+            sums={k: v.cpu() for k, v in self.sums.items()},
+            tokens=dict(self.tokens),
+            samples=self.samples,
+            model_fingerprint=model_fingerprint(self.model),
+            normalize=self.normalize,
+            modules={
+                g.key: {m: list(self.model.get_submodule(m).weight.shape) for m in g.modules}
+                for g in self.groups
+            },
+            data_fingerprints=(data_fingerprint,) if data_fingerprint else (),
+        )
+
+    def reset(self) -> None:
+        """Start again from zero (the sums' memory is freed)."""
+        self._sums.clear()
+        self._unmirrored.clear()
+        self.tokens = {g.key: 0 for g in self.groups}
+        self.samples = 0
+
     @contextmanager
     def batch(self, attention_mask: torch.Tensor):
         """Set the mask (batch x seq, nonzero = real token) for the forward pass run inside."""
@@ -213,24 +238,18 @@ def _forward_body(model: nn.Module, hooked: Iterable[nn.Module]):
     return model
 
 
-def collect_covariance(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    groups: Sequence,
-    normalize: str = "none",
-    data_fingerprint: str | None = None,
-) -> CovarianceStore:
-    """Run `batches` through the model and return the covariance store of its target groups.
+def accumulate(acc: CovarianceAccumulator, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+    """Run `batches` through the accumulator's model, adding to its sums (eval mode, no grad).
 
     Each batch is a dict of model inputs (input_ids, attention_mask, pixel_values, ...);
     `labels` is ignored. Without an attention_mask every position counts. Position ids
     are whatever the model derives (left padding is fine for rotary models, whose
     attention depends on relative positions only).
     """
+    model = acc.model
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    acc = CovarianceAccumulator(model, groups, normalize)
     body = _forward_body(model, acc.hooked.values())
     try:
         with acc, torch.inference_mode():
@@ -249,17 +268,16 @@ def collect_covariance(
                     body(**inputs, use_cache=False)
     finally:
         model.train(was_training)
-    missing = [g.key for g in groups if g.key not in acc.sums]
-    if missing:
-        raise InputError(f"no tokens reached target groups {missing}: empty or fully padded data?")
-    return CovarianceStore(
-        sums={k: v.cpu() for k, v in acc.sums.items()},
-        tokens=dict(acc.tokens),
-        samples=acc.samples,
-        model_fingerprint=model_fingerprint(model),
-        normalize=normalize,
-        modules={
-            g.key: {m: list(model.get_submodule(m).weight.shape) for m in g.modules} for g in groups
-        },
-        data_fingerprints=(data_fingerprint,) if data_fingerprint else (),
-    )
+
+
+def collect_covariance(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    groups: Sequence,
+    normalize: str = "none",
+    data_fingerprint: str | None = None,
+) -> CovarianceStore:
+    """Run `batches` (see `accumulate`) through the model and return its covariance store."""
+    acc = CovarianceAccumulator(model, groups, normalize)
+    accumulate(acc, batches)
+    return acc.store(data_fingerprint)

@@ -1,68 +1,84 @@
-"""The covariance stage on Ray Data: retention batches stream to model actors; sums reduce exactly.
+"""The covariance stage on Ray: retention tasks stream to model actors; sums reduce exactly.
 
-Shape of the job (a thin shell around the core's `collect_covariance`):
+Shape of the job (a thin shell around the core's accumulator):
 
-  driver: read + validate the retention file, render texts, plan micro-batches
-     -> Ray Data rows, one micro-batch each
-     -> CPU actors tokenise (text models; a VLM's processor runs in the model actors,
-        where the images are opened)
-     -> model actors (ActorPoolStrategy, a GPU each where present): a task's rows run through
-        `collect_covariance` and the task returns its partial sums ONCE, one row per target
-        group (float64, upper triangle), plus token and sequence counts
-     -> driver: adds the partial sums into float64 running sums as they stream in, writes
-        the store atomically.
+  driver: reads and validates the retention file with the tokenizer only, plans the
+     micro-batches and groups them into tasks (`sequences_per_task`). One Ray task loads the
+     model to learn its spec (fingerprint, target groups): the driver never holds weights
+     or sums, only task tables, counts and manifests.
+  actors (`num_actors`, a GPU each where present; partials.CovarianceActor): each keeps one
+     float64 sum per target group across all the tasks it is given, and a task returns
+     counts only. Every `flush_interval_s`, and when the work runs out, an actor writes its
+     sums to `<run_dir>/covariance.partials/` (a "partial") and starts again from zero.
+  reducers (`num_reducers` Ray tasks, spread over nodes): each owns a shard of the target
+     groups, balanced by d^2, adds each of its groups over every partial (and the `add_to`
+     store) in float64 and writes the group's file straight into the new store. The driver
+     writes the manifest last and renames the store into place.
+
+So no process holds more than it must: an actor its model and its own sums, a reducer two
+matrices of one group, the driver nothing the size of a matrix; the object store carries
+task tables and counts, the sums go through the run directory (a shared filesystem on a
+cluster). `passes` > 1 splits the groups over several passes of the data, for when one
+actor cannot hold every group's sums (70B widths). docs/DESIGN.md has the memory model.
+
+Why Ray core and not a Ray Data actor pool (as before): an actor that keeps sums across
+tasks needs to be told to save them at intervals and at the end, and the driver must know
+which tasks each saved partial holds to redo exactly the lost ones. Ray Data's map has no
+end-of-stream call on an actor and no such record, so its actors had to return each task's
+whole sums through the object store (22 GB per task at 7B widths).
 
 Exactness: the micro-batches are fixed by the driver, so every actor count runs the same
 float32 forward passes and only the float64 reduction order changes (relative error ~1e-16),
 given the same kernels: same device type and thread count (a 1-CPU actor runs one thread;
 more threads round float32 matmuls differently, ~1e-7 on Gemma 3 270M).
-Fault tolerance: an actor's call returns its partial sums only when it has finished, and Ray
-Data's actor pool restarts dead actors and re-runs their unfinished tasks (max_restarts=-1,
-max_task_retries=-1 by default), so a killed actor neither loses nor double-counts data. Each
-input block is one task's micro-batches, so a task is normally one call; where Ray splits a
-task into several calls, a retry replays them in the same order and Ray keeps the outputs
-it already had (streaming-generator replay), which is exact because each call's output
-depends only on its input.
-
-Object-store traffic is one d x d triangle per group per task: size `sequences_per_task` so a
-task runs for minutes at scale (a 7B Llama's packed partial sums are ~22 GB per task).
+Fault tolerance: actors restart (max_restarts=-1) but their calls are not retried; each call
+names the incarnation that ran it. A task counts once a partial that lists it is on disk;
+when an incarnation dies, the tasks it summed but had not saved are queued again, and a
+task lost three times is an error. The driver checks that the saved partials hold every
+task exactly once before reducing.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-import pyarrow as pa
-
 from kore_ray.config import CovarianceConfig, PipelineConfig
-from kore_ray.constraint.covariance import collect_covariance
+from kore_ray.constraint.partials import CovarianceActor, peak_rss_bytes, task_table
 from kore_ray.constraint.retention import (
     RetentionItem,
     data_fingerprint,
-    pack_upper,
     plan_batches,
     read_retention,
-    text_inputs,
-    tokenize_texts,
-    unpack_upper,
-    vlm_inputs,
 )
-from kore_ray.constraint.store import CovarianceStore, load_store, save_store
-from kore_ray.data.tokenize import pad_token_id
+from kore_ray.constraint.store import (
+    CovarianceStore,
+    load_store,
+    read_group,
+    read_manifest,
+    store_manifest,
+    write_group,
+    write_manifest,
+)
 from kore_ray.errors import InputError, ModelError
 from kore_ray.models.loading import is_vision_language, load_model
 from kore_ray.models.targets import TargetGroup, find_target_groups
-from kore_ray.run_dir import MANIFEST, RunDir, is_current, model_fingerprint
+from kore_ray.run_dir import MANIFEST, RunDir, atomic_directory, is_current, model_fingerprint
+
+MAX_LOSSES = 3  # a task whose actor dies this often is an error (it may be what kills it)
+ADDS_IN_FLIGHT = 2  # per actor: the next task is queued while one runs
+RESTART_WAIT_S = 600  # a failed actor must be back within this (it may need a new node)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the driver learns from one CPU load of the model: the actors only compute sums.
+    """What one load of the model tells: the actors compute sums, the driver plans.
 
     Knowing the fingerprint before any actor starts lets a store for another model be
     refused at once, and lets each actor prove it loaded the same checkpoint.
@@ -77,12 +93,12 @@ class ModelSpec:
     image_token_id: int | None
 
 
-def model_spec(name_or_path: str, dtype: str = "float32"):
-    """(ModelSpec, tokenizer or processor) of a model; its weights are dropped again."""
-    model, tokenizer = load_model(name_or_path, dtype)
+def model_spec(name_or_path: str, dtype: str = "float32") -> ModelSpec:
+    """The ModelSpec of a model (loads its weights; the stage runs this in a Ray task)."""
+    model, _ = load_model(name_or_path, dtype)
     groups = tuple(find_target_groups(model))
     config = model.config
-    spec = ModelSpec(
+    return ModelSpec(
         name_or_path=str(name_or_path),
         dtype=dtype,
         fingerprint=model_fingerprint(model),
@@ -94,86 +110,24 @@ def model_spec(name_or_path: str, dtype: str = "float32"):
         vision=is_vision_language(config),
         image_token_id=getattr(config, "image_token_id", getattr(config, "image_token_index", None)),
     )
-    return spec, tokenizer
 
 
-class Tokenize:
-    """CPU stage: the texts of each micro-batch -> token ids (padding is left to the model actor)."""
+def remote_model_spec(name_or_path: str, dtype: str = "float32") -> ModelSpec:
+    """model_spec in a one-CPU Ray task, so the driver's memory never holds the weights."""
+    import ray
 
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        ids = [
-            tokenize_texts(self.tokenizer, texts, self.max_length)
-            for texts in table.column("texts").to_pylist()
-        ]
-        return pa.table({
-            "ids": table.column("ids"),
-            "input_ids": pa.array(ids, type=pa.list_(pa.list_(pa.int32()))),
-        })
+    return ray.get(ray.remote(num_cpus=1, max_retries=1)(model_spec).remote(name_or_path, dtype))
 
 
-class CovarianceWorker:
-    """A model replica: each call sums one task's micro-batches and returns them as one table.
-
-    The sums live only for the call, so a call that dies takes nothing with it but its own
-    work, which Ray Data re-runs on a restarted actor.
-    """
-
-    def __init__(self, spec: ModelSpec, normalize: str, max_length: int, device: str):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # one weight-loading bar per actor restart is noise
-        self.spec, self.normalize, self.max_length = spec, normalize, max_length
-        self.model, self.processor = load_model(spec.name_or_path, spec.dtype, device)
-        self.pad_id = pad_token_id(self.processor)
-
-    def _batches(self, table: pa.Table):
-        if "input_ids" in table.column_names:
-            for ids in table.column("input_ids").to_pylist():
-                yield text_inputs(ids, self.pad_id)
-        else:
-            for row in table.to_pylist():
-                yield vlm_inputs(
-                    self.processor, row["texts"], row["images"], row["ids"], self.max_length,
-                    self.spec.image_token_id,
-                )
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        store = collect_covariance(
-            self.model, self._batches(table), list(self.spec.groups), self.normalize
-        )
-        if store.model_fingerprint != self.spec.fingerprint:
-            raise ModelError(
-                f"an actor loaded {self.spec.name_or_path} as model {store.model_fingerprint}, "
-                f"not the driver's {self.spec.fingerprint}: the checkpoint differs between nodes"
-            )
-        return partials_table(store, [g.key for g in self.spec.groups])
-
-
-def partials_table(store: CovarianceStore, keys: Sequence[str]) -> pa.Table:
-    """One row per group: its packed float64 sum, token count and the call's sequence count."""
-    sizes = [store.sums[k].shape[0] * (store.sums[k].shape[0] + 1) // 2 for k in keys]
-    offsets = np.cumsum([0, *sizes], dtype=np.int64)
-    values = np.empty(offsets[-1], dtype=np.float64)
-    for k, start, stop in zip(keys, offsets[:-1], offsets[1:]):
-        pack_upper(store.sums[k], out=values[start:stop])
-    return pa.table({
-        "group": pa.array(list(keys), pa.string()),
-        "sum": pa.LargeListArray.from_arrays(offsets, values),
-        "tokens": pa.array([store.tokens[k] for k in keys], pa.int64()),
-        "samples": pa.array([store.samples] * len(keys), pa.int64()),
-    })
-
-
-def batch_table(batches: Sequence[Sequence[RetentionItem]]) -> pa.Table:
-    """One row per micro-batch, so Ray Data can never split a micro-batch between tasks."""
-    return pa.table({
-        "ids": pa.array([[i.id for i in b] for b in batches], pa.list_(pa.string())),
-        "texts": pa.array([[i.text for i in b] for b in batches], pa.list_(pa.string())),
-        "images": pa.array([[i.image for i in b] for b in batches], pa.list_(pa.string())),
-    })
+def shard_groups(groups: Sequence[TargetGroup], n: int) -> list[list[TargetGroup]]:
+    """`groups` in at most n shards of near-equal d^2 (bytes of sums), largest first."""
+    shards: list[list[TargetGroup]] = [[] for _ in range(min(n, len(groups)))]
+    loads = [0] * len(shards)
+    for g in sorted(groups, key=lambda g: -g.in_features**2):
+        i = loads.index(min(loads))
+        shards[i].append(g)
+        loads[i] += g.in_features**2
+    return [s for s in shards if s]
 
 
 def _use_gpu(cov: CovarianceConfig) -> bool:
@@ -184,8 +138,12 @@ def _use_gpu(cov: CovarianceConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def _log(message: str) -> None:
+    print(f"kore covariance: {message}", file=sys.stderr, flush=True)
+
+
 class _Progress:
-    """Sequences done, tokens and tokens/s on stderr as partial sums arrive."""
+    """Sequences done, tokens and tokens/s on stderr as tasks finish."""
 
     def __init__(self, total: int, enabled: bool):
         from tqdm import tqdm
@@ -204,127 +162,289 @@ class _Progress:
         self.bar.close()
 
 
-def reduce_partials(
-    tables: Iterable[pa.Table], spec: ModelSpec, progress: _Progress | None = None
-) -> tuple[dict[str, np.ndarray], dict[str, int], int]:
-    """Add streamed partial-sum tables into float64 running sums per group.
+def _ready(actors: list, spec: ModelSpec) -> list[str]:
+    """Wait for every actor to load its model; returns their incarnation ids."""
+    import ray
 
-    Returns (packed sums, tokens per group, sequences). Every group must have seen the same
-    sequences: a mismatch means lost or duplicated rows, and is an error, not a warning.
-    """
-    sums: dict[str, np.ndarray] = {}
-    tokens = {g.key: 0 for g in spec.groups}
-    samples = dict.fromkeys(tokens, 0)
-    first = spec.groups[0].key
-    for table in tables:
-        rows = zip(
-            table.column("group").to_pylist(),
-            (row for chunk in table.column("sum").chunks for row in chunk),
-            table.column("tokens").to_pylist(),
-            table.column("samples").to_pylist(),
+    refs = [a.incarnation.remote() for a in actors]
+    start = time.monotonic()
+    while True:
+        done, waiting = ray.wait(refs, num_returns=len(refs), timeout=60)
+        if not waiting:
+            break
+        _log(f"{len(done)} of {len(refs)} actors ready after {time.monotonic() - start:.0f} s; "
+             "waiting for the cluster to place the others")
+    ids = []
+    for inc, fingerprint in ray.get(refs):
+        _check_model(fingerprint, spec)
+        ids.append(inc)
+    return ids
+
+
+def _check_model(fingerprint: str, spec: ModelSpec) -> None:
+    if fingerprint != spec.fingerprint:
+        raise ModelError(
+            f"an actor loaded {spec.name_or_path} as model {fingerprint}, not "
+            f"{spec.fingerprint}: the checkpoint differs between nodes"
         )
-        for key, packed, n_tokens, n_samples in rows:
-            values = packed.values.to_numpy()
-            if key in sums:
-                sums[key] += values
-            else:
-                sums[key] = values.astype(np.float64, copy=True)
-            tokens[key] += n_tokens
-            samples[key] += n_samples
-            if progress is not None and key == first:
-                progress.update(n_samples, n_tokens)
-    missing = sorted(set(tokens) - set(sums))
-    if missing:
-        raise InputError(f"no partial sums arrived for target groups {missing}")
-    if len(set(samples.values())) != 1:
-        raise RuntimeError(f"target groups saw different numbers of sequences: {samples}")
-    return sums, tokens, samples[first]
+
+
+class _Schedule:
+    """Hands tasks to actors and keeps the books: which incarnation summed which task, and
+    which tasks are saved in a partial on disk (`done`)."""
+
+    def __init__(self, actors: list, ids: list[str], tables: list, spec: ModelSpec,
+                 interval: float, bar: _Progress):
+        import ray
+
+        self.actors, self.current, self.tables, self.spec = actors, ids, tables, spec
+        self.interval, self.bar = interval, bar
+        self.queue = deque(range(len(tables)))
+        self.done: set[int] = set()  # tasks in a saved partial
+        self.latest: dict[str, dict] = {}  # incarnation -> its newest partial (cumulative)
+        self.unsaved: dict[str, set[int]] = {}  # incarnation -> tasks summed, not yet saved
+        self.seen = [{i} for i in ids]  # incarnations of each actor
+        self.losses = [0] * len(tables)
+        self.calls: dict = {}  # ref -> (actor, "add" | "flush", task)
+        n = len(actors)
+        self.adds, self.flushing, self.suspect = [0] * n, [False] * n, [False] * n
+        self.since_flush, self.last_flush = [0] * n, [time.monotonic()] * n
+        # Bytes through the object store: each add fetches its task's table, each call's
+        # result comes back (pickled sizes; the sums themselves go through the run directory).
+        self.sizes = [len(pickle.dumps(ray.get(t))) for t in tables]
+        self.moved = 0
+
+    def run(self) -> list[dict]:
+        import ray
+
+        while len(self.done) < len(self.tables):
+            for a in range(len(self.actors)):
+                self._submit(a)
+            if not self.calls:
+                raise RuntimeError("covariance: no work in flight but tasks are unsaved (a bug)")
+            ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=5)
+            for ref in ready:
+                self._finish(ref)
+        return list(self.latest.values())
+
+    def _submit(self, a: int) -> None:
+        if self.suspect[a]:
+            return
+        actor = self.actors[a]
+        while True:
+            due = time.monotonic() - self.last_flush[a] >= self.interval or not self.queue
+            if self.since_flush[a] and due and not self.flushing[a]:
+                self.calls[actor.flush.remote()] = (a, "flush", None)
+                self.flushing[a], self.since_flush[a] = True, 0
+            if self.adds[a] >= ADDS_IN_FLIGHT or not self.queue:
+                return
+            task = self.queue.popleft()
+            if task in self.done:  # saved by an actor whose call to add it had failed
+                continue
+            self.calls[actor.add.remote(task, self.tables[task])] = (a, "add", task)
+            self.adds[a] += 1
+            self.since_flush[a] += 1
+            self.moved += self.sizes[task]
+
+    def _finish(self, ref) -> None:
+        import ray
+
+        a, kind, task = self.calls.pop(ref)
+        if kind == "add":
+            self.adds[a] -= 1
+        else:
+            self.flushing[a] = False
+            self.last_flush[a] = time.monotonic()
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            if kind == "add":
+                self._lost(task, e)
+            self.suspect[a] = True
+        else:
+            self.moved += len(pickle.dumps(result))
+            inc = result["incarnation"] if result else None
+            if inc is not None:
+                self.seen[a].add(inc)
+            if kind == "add":
+                self.unsaved.setdefault(inc, set()).add(task)
+                self.bar.update(result["sequences"], result["tokens"])
+            elif result is not None:  # a partial is on disk: its tasks count, whoever died since
+                self.unsaved.get(inc, set()).difference_update(result["tasks"])
+                self.done.update(result["tasks"])
+                older = self.latest.get(inc)
+                self.latest[inc] = result
+                if older is not None:  # superseded: the new one holds all its tasks
+                    shutil.rmtree(older["path"], ignore_errors=True)
+        if self.suspect[a] and not any(c[0] == a for c in self.calls.values()):
+            self._replace(a)
+
+    def _lost(self, task: int, error: Exception) -> None:
+        import ray
+
+        self.losses[task] += 1
+        if self.losses[task] >= MAX_LOSSES:
+            ids = ray.get(self.tables[task]).column("ids").to_pylist()
+            raise RuntimeError(
+                f"covariance task {task} (first sequence {ids[0][0]!r}) lost its actor "
+                f"{MAX_LOSSES} times; the last error: {error}"
+            ) from error
+        self.queue.appendleft(task)
+
+    def _replace(self, a: int) -> None:
+        """Actor `a` failed: wait for its restart, clear it, and redo what it had not saved."""
+        import ray
+
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while True:
+            try:
+                state = ray.get(self.actors[a].reset.remote())
+                break
+            except ray.exceptions.RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        _check_model(state["fingerprint"], self.spec)
+        # The unsaved tasks of every incarnation before the reset (their partials count).
+        dead = self.seen[a] | {state["previous"]}
+        lost = set().union(*(self.unsaved.pop(i, set()) for i in dead))
+        lost = sorted(lost - self.done - set(self.queue))  # a failed call's task is queued already
+        _log(f"actor {a} failed and was restarted; redoing {len(lost)} unsaved task(s)")
+        for task in lost:
+            self._lost(task, RuntimeError("its actor died before saving it"))
+        inc = state["incarnation"]
+        self.seen[a], self.current[a], self.suspect[a] = {inc}, inc, False
+        self.last_flush[a], self.since_flush[a] = time.monotonic(), 0
+
+
+def _check_partials(partials: list[dict], n_tasks: int) -> None:
+    """Every task in exactly one saved partial: the exactness guarantee, checked."""
+    tasks = sorted(t for p in partials for t in p["tasks"])
+    if tasks != list(range(n_tasks)):
+        raise RuntimeError(f"covariance partials hold tasks {tasks}, not each of {n_tasks} once")
+
+
+def run_pass(
+    tables: list, spec: ModelSpec, keys: Sequence[str], cov: CovarianceConfig, partials_dir: str,
+    bar: _Progress,
+) -> list[dict]:
+    """Sum target groups `keys` over every task on `cov.num_actors` actors; returns the
+    flush results (path, tasks, incarnation, peak_rss; the pass's ready_s and done_s) of the
+    partials written."""
+    import ray
+
+    use_gpu = _use_gpu(cov)
+    Actor = ray.remote(CovarianceActor).options(
+        num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=-1, max_task_retries=0
+    )
+    actors = [
+        Actor.remote(spec, list(keys), cov.normalize, cov.max_length,
+                     "cuda" if use_gpu else "cpu", partials_dir)
+        for _ in range(cov.num_actors)
+    ]
+    try:
+        start = time.perf_counter()
+        schedule = _Schedule(actors, _ready(actors, spec), tables, spec, cov.flush_interval_s, bar)
+        ready = time.perf_counter()
+        partials = schedule.run()
+        for p in partials:  # when the actors were up, when the work was done, bytes moved
+            p.update(ready_s=ready - start, done_s=time.perf_counter() - start,
+                     pass_moved_bytes=schedule.moved)
+    finally:
+        for actor in actors:  # free their memory before the reducers run
+            ray.kill(actor)
+    _check_partials(partials, len(tables))
+    return partials
+
+
+def reduce_groups(groups: dict[str, tuple[int, list[str]]], base_dir: str | None, out_dir: str) -> dict:
+    """Write each group's sum over its partials (plus `base_dir`'s) into `out_dir`.
+
+    groups: key -> (width, the partial directories holding it). One group at a time in
+    float64: the running sum and one partial in memory.
+    """
+    for key, (d, partial_dirs) in groups.items():
+        total = read_group(base_dir, key, d) if base_dir else None
+        for path in partial_dirs:
+            part = read_group(path, key, d)
+            total = part if total is None else total.add_(part)
+            del part
+        write_group(out_dir, key, total)
+        del total
+    return {"peak_rss": peak_rss_bytes(), "pid": os.getpid(), "groups": list(groups)}
+
+
+def reduce_store(
+    partials: list[dict], spec: ModelSpec, cov: CovarianceConfig, base_dir: str | None,
+    data_fingerprints: Sequence[str], out_dir,
+) -> list[dict]:
+    """Reduce the partials into the store at `out_dir` (atomically); returns reducer stats."""
+    import ray
+
+    manifests = [read_manifest(p["path"], spec.fingerprint) for p in partials]
+    holders = {g.key: [p["path"] for p, m in zip(partials, manifests) if g.key in m["groups"]]
+               for g in spec.groups}
+    base = read_manifest(base_dir, spec.fingerprint) if base_dir else None
+    if base is not None and base["groups"].keys() != holders.keys():
+        raise InputError(f"covariance store {base_dir} covers other target groups than this model's")
+    tokens = {k: sum(m["groups"][k]["tokens"] for m in manifests if k in m["groups"])
+              for k in holders}
+    # Each pass sums every sequence once: its partials' sample counts add up to the total.
+    by_pass: dict[tuple, int] = {}
+    for m in manifests:
+        by_pass[tuple(sorted(m["groups"]))] = by_pass.get(tuple(sorted(m["groups"])), 0) + m["samples"]
+    if len(set(by_pass.values())) != 1:
+        raise RuntimeError(f"covariance passes saw different numbers of sequences: {by_pass}")
+    samples = next(iter(by_pass.values()))
+    if base is not None:
+        samples += base["samples"]
+        tokens = {k: t + base["groups"][k]["tokens"] for k, t in tokens.items()}
+    reduce = ray.remote(reduce_groups).options(num_cpus=1, scheduling_strategy="SPREAD",
+                                               max_retries=2)
+    shards = shard_groups(spec.groups, cov.num_reducers)
+    with atomic_directory(out_dir) as tmp:
+        stats = ray.get([
+            reduce.remote({g.key: (g.in_features, holders[g.key]) for g in shard}, base_dir, str(tmp))
+            for shard in shards
+        ])
+        write_manifest(tmp, store_manifest(spec.fingerprint, cov.normalize, samples, tokens,
+                                           spec.modules, data_fingerprints))
+    return stats
 
 
 def collect_distributed(
     batches: Sequence[Sequence[RetentionItem]],
     spec: ModelSpec,
-    tokenizer,
     cov: CovarianceConfig,
-    data_fingerprint: str | None = None,
+    out_dir,
+    partials_dir,
+    data_fingerprints: Sequence[str] = (),
+    base_dir: str | None = None,
     progress: bool = True,
-) -> CovarianceStore:
-    """The covariance store of `batches` (micro-batches) computed by `cov.num_actors` actors.
+) -> dict:
+    """Collect the store of `batches` (micro-batches) into `out_dir`; returns run statistics.
 
-    Needs a running Ray (ray.init).
+    Needs a running Ray (ray.init). `base_dir` is a store to add to (read, never changed).
     """
-    from ray.data import DataContext
+    import ray
 
     if not batches:
         raise InputError("no retention data to collect a covariance from")
-    use_gpu = _use_gpu(cov)
-    context = DataContext.get_current()  # datasets copy it when created: set it first
-    bars = context.enable_progress_bars
-    context.enable_progress_bars = False  # ours reports tokens/s; Ray's would interleave
-    bar = _Progress(sum(len(b) for b in batches), progress)
+    per_task = max(1, cov.sequences_per_task // cov.batch_size)  # micro-batches per task
+    tables = [ray.put(task_table(batches[i : i + per_task]))
+              for i in range(0, len(batches), per_task)]
+    shutil.rmtree(partials_dir, ignore_errors=True)  # a crashed run's partials are not ours
+    passes = shard_groups(spec.groups, cov.passes)
+    bar = _Progress(sum(len(b) for b in batches) * len(passes), progress)
+    partials = []
     try:
-        ds = covariance_dataset(batches, spec, tokenizer, cov, use_gpu)
-        outputs = ds.iter_batches(batch_size=None, batch_format="pyarrow")
-        sums, tokens, samples = reduce_partials(outputs, spec, bar)
+        for groups in passes:
+            partials += run_pass(tables, spec, [g.key for g in groups], cov, str(partials_dir), bar)
     finally:
         bar.close()
-        context.enable_progress_bars = bars
-    return CovarianceStore(
-        # pop: each packed sum is freed as its full matrix is made (peak 1.5x the store, not 2x)
-        sums={g.key: unpack_upper(sums.pop(g.key), g.in_features) for g in spec.groups},
-        tokens=tokens,
-        samples=samples,
-        model_fingerprint=spec.fingerprint,
-        normalize=cov.normalize,
-        modules=spec.modules,
-        data_fingerprints=(data_fingerprint,) if data_fingerprint else (),
-    )
-
-
-def covariance_dataset(
-    batches: Sequence[Sequence[RetentionItem]],
-    spec: ModelSpec,
-    tokenizer,
-    cov: CovarianceConfig,
-    use_gpu: bool = False,
-):
-    """The Ray Dataset of partial sums: rows in are micro-batches, blocks in are tasks.
-
-    Each output row is one target group's packed partial sum from one actor call
-    (see partials_table); `reduce_partials` adds them up.
-    """
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    per_task = max(1, cov.sequences_per_task // cov.batch_size)  # micro-batches per task
-    ds = ray.data.from_arrow(
-        [batch_table(batches[i : i + per_task]) for i in range(0, len(batches), per_task)]
-    )
-    if not spec.vision:
-        ds = ds.map_batches(
-            Tokenize,
-            fn_constructor_kwargs={"tokenizer": tokenizer, "max_length": cov.max_length},
-            batch_size=None,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=1, max_size=cov.num_actors),
-        )
-    return ds.map_batches(
-        CovarianceWorker,
-        fn_constructor_kwargs={
-            "spec": spec,
-            "normalize": cov.normalize,
-            "max_length": cov.max_length,
-            "device": "cuda" if use_gpu else "cpu",
-        },
-        batch_size=per_task,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=cov.num_actors),
-        num_gpus=1 if use_gpu else 0,
-    )
-
-
-def _log(message: str) -> None:
-    print(f"kore covariance: {message}", file=sys.stderr, flush=True)
+    reducers = reduce_store(partials, spec, cov, base_dir, data_fingerprints, out_dir)
+    shutil.rmtree(partials_dir, ignore_errors=True)
+    return {"tasks": len(tables), "partials": partials, "reducers": reducers}
 
 
 def run_covariance(
@@ -337,45 +457,52 @@ def run_covariance(
     first); the old store is read, never modified. A store already in the run directory made
     from the same model, data and settings is returned without recomputing unless `force`.
     Uses the running Ray, else the cluster at RAY_ADDRESS, else starts a local one.
+    Returns the store as on disk (its sums are read group by group when used).
     """
     import ray
+
+    from kore_ray.train.data import load_preprocessor
 
     cov = cfg.covariance
     add_to = add_to or cov.add_to
     if cfg.data.retention is None:
         raise InputError("no retention data: set data.retention (probes, conversations, .txt)")
-    out_dir = RunDir(cfg.run_dir).covariance
-    spec, tokenizer = model_spec(cfg.model.name_or_path, cfg.model.dtype)
-    items = read_retention(cfg.data.retention, tokenizer, spec.vision)
+    run = RunDir(cfg.run_dir)
+    out_dir = run.covariance
+    tokenizer, vision = load_preprocessor(cfg.model.name_or_path)
+    items = read_retention(cfg.data.retention, tokenizer, vision)
     fingerprint = data_fingerprint(items, cov.max_length)
-    base = load_store(add_to, expected_fingerprint=spec.fingerprint) if add_to else None
-    if base is not None and fingerprint in base.data_fingerprints:
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):  # set for `ray job submit` drivers
+            ray.init()
+        else:  # a local Ray: room for the spec task and every model actor
+            ray.init(num_cpus=max(os.cpu_count() or 1, cov.num_actors, cov.num_reducers))
+    spec = remote_model_spec(cfg.model.name_or_path, cfg.model.dtype)
+    base = read_manifest(add_to, expected_fingerprint=spec.fingerprint) if add_to else None
+    old = tuple(base["data_fingerprints"]) if base is not None else ()
+    if fingerprint in old:
         raise InputError(
             f"covariance store {add_to} already holds this retention data ({fingerprint}); "
             "adding it again would count it twice"
         )
-    wanted = (base.data_fingerprints if base is not None else ()) + (fingerprint,)
+    wanted = old + (fingerprint,)
     made_from = {"model_fingerprint": spec.fingerprint, "normalize": cov.normalize,
                  "data_fingerprints": list(wanted)}
     if not force and is_current(out_dir / MANIFEST, made_from):
         _log(f"{out_dir} already holds this data for this model; skipping (--force recomputes)")
         return load_store(out_dir, expected_fingerprint=spec.fingerprint)
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):  # set for `ray job submit` drivers
-            ray.init()
-        else:  # a local Ray: room for the tokeniser actor beside every model actor
-            ray.init(num_cpus=max(os.cpu_count() or 1, cov.num_actors + 1))
     start = time.perf_counter()
     batches = plan_batches(items, cov.batch_size)
-    store = collect_distributed(batches, spec, tokenizer, cov, fingerprint, progress)
+    stats = collect_distributed(batches, spec, cov, out_dir, run.covariance_partials, wanted,
+                                add_to, progress)
     elapsed = time.perf_counter() - start
-    n_tokens = store.tokens[spec.groups[0].key]
-    if base is not None:
-        store = base + store
-    save_store(out_dir, store)
+    store = load_store(out_dir, expected_fingerprint=spec.fingerprint)
+    n_tokens = store.tokens[spec.groups[0].key] - (base["groups"][spec.groups[0].key]["tokens"]
+                                                   if base is not None else 0)
     _log(
         f"{n_tokens:,} tokens from {len(items):,} sequences in {elapsed:.1f} s "
-        f"({n_tokens / elapsed:,.0f} tokens/s) on {cov.num_actors} actor(s) -> {out_dir}"
+        f"({n_tokens / elapsed:,.0f} tokens/s) on {cov.num_actors} actor(s), "
+        f"{len(stats['partials'])} partial(s), {len(spec.groups)} target groups -> {out_dir}"
     )
     return store

@@ -9,6 +9,8 @@ Layout of a store directory:
 Stores hold sums, not means, so two stores of the same model add up exactly
 (more data, or partial sums from several workers). A store is written to a
 temporary directory and renamed into place: a crash leaves no half-written store.
+A loaded store reads a group's file when that group is asked for (`GroupSums`), so
+init holds one group's matrix at a time, not the store (330 GB at 70B widths).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +40,7 @@ class CovarianceStore:
     sequences (CorDA's covariance is a per-sample mean).
     """
 
-    sums: dict[str, torch.Tensor]
+    sums: Mapping[str, torch.Tensor]  # a dict, or GroupSums for a store on disk
     tokens: dict[str, int]
     samples: int
     model_fingerprint: str
@@ -77,23 +79,30 @@ class CovarianceStore:
         )
 
     def manifest(self) -> dict:
-        return {
-            "version": FORMAT_VERSION,
-            "model_fingerprint": self.model_fingerprint,
-            "normalize": self.normalize,
-            "dtype": "float64",
-            "samples": self.samples,
-            "data_fingerprints": list(self.data_fingerprints),
-            "groups": {
-                key: {
-                    "file": _file_name(key),
-                    "in_features": self.sums[key].shape[0],
-                    "tokens": self.tokens[key],
-                    "modules": self.modules[key],
-                }
-                for key in sorted(self.sums)
-            },
-        }
+        return store_manifest(self.model_fingerprint, self.normalize, self.samples, self.tokens,
+                              self.modules, self.data_fingerprints)
+
+
+def store_manifest(model_fingerprint: str, normalize: str, samples: int, tokens: dict[str, int],
+                   modules: dict[str, dict[str, list[int]]], data_fingerprints=()) -> dict:
+    """A store's manifest.json: what it was made from, and each group's file and counts."""
+    return {
+        "version": FORMAT_VERSION,
+        "model_fingerprint": model_fingerprint,
+        "normalize": normalize,
+        "dtype": "float64",
+        "samples": samples,
+        "data_fingerprints": list(data_fingerprints),
+        "groups": {
+            key: {
+                "file": group_file(key),
+                "in_features": in_features(modules[key]),
+                "tokens": tokens[key],
+                "modules": modules[key],
+            }
+            for key in sorted(modules)
+        },
+    }
 
 
 def merge_stores(stores: Iterable[CovarianceStore]) -> CovarianceStore:
@@ -107,28 +116,70 @@ def merge_stores(stores: Iterable[CovarianceStore]) -> CovarianceStore:
     return total
 
 
-def _file_name(key: str) -> str:
+def group_file(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", key) + ".safetensors"
+
+
+def in_features(modules: Mapping[str, list[int]]) -> int:
+    """The width of a group's input: every module's weight is (d_out, d_in)."""
+    return next(iter(modules.values()))[1]
+
+
+def write_group(directory: str | os.PathLike, key: str, tensor: torch.Tensor) -> None:
+    save_file({"sum": tensor.to(torch.float64).contiguous()}, str(Path(directory) / group_file(key)),
+              metadata={"group": key})
+
+
+def read_group(directory: str | os.PathLike, key: str, d: int) -> torch.Tensor:
+    file = Path(directory) / group_file(key)
+    if not file.is_file():
+        raise InputError(f"covariance store {directory}: missing {file.name} (group {key})")
+    tensor = load_file(str(file))["sum"]
+    if tensor.dtype != torch.float64 or tuple(tensor.shape) != (d, d):
+        raise InputError(
+            f"{file}: expected a float64 {d}x{d} sum, got {tensor.dtype} {tuple(tensor.shape)}"
+        )
+    return tensor
+
+
+class GroupSums(Mapping):
+    """The sums of a store on disk: each lookup reads that group's file (nothing is kept)."""
+
+    def __init__(self, directory: Path, widths: dict[str, int]):
+        self.directory, self.widths = directory, widths
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.widths:
+            raise KeyError(key)
+        return read_group(self.directory, key, self.widths[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.widths)
+
+    def __len__(self) -> int:
+        return len(self.widths)
 
 
 def save_store(directory: str | os.PathLike, store: CovarianceStore) -> Path:
     """Write `store` to `directory` atomically; returns the directory."""
     manifest = store.manifest()
-    names = [g["file"] for g in manifest["groups"].values()]
-    if len(set(names)) != len(names):
-        raise InputError("two target group keys map to the same file name")
     with atomic_directory(directory) as tmp:
-        for key, entry in manifest["groups"].items():
-            tensor = store.sums[key].to(torch.float64).contiguous()
-            save_file({"sum": tensor}, str(tmp / entry["file"]), metadata={"group": key})
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        for key in manifest["groups"]:
+            write_group(tmp, key, store.sums[key])
+        write_manifest(tmp, manifest)
     return Path(directory)
 
 
-def load_store(
-    directory: str | os.PathLike, expected_fingerprint: str | None = None
-) -> CovarianceStore:
-    """Read a store; refuse one made for another model than `expected_fingerprint`."""
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
+    """The manifest, written last: a directory without one is not a store."""
+    names = [g["file"] for g in manifest["groups"].values()]
+    if len(set(names)) != len(names):
+        raise InputError("two target group keys map to the same file name")
+    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def read_manifest(directory: str | os.PathLike, expected_fingerprint: str | None = None) -> dict:
+    """A store's manifest; refuses one made for another model than `expected_fingerprint`."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -146,24 +197,26 @@ def load_store(
             f"covariance store {directory} was made for model {manifest['model_fingerprint']}, "
             f"not for this model ({expected_fingerprint})"
         )
-    sums, tokens, modules = {}, {}, {}
-    for key, entry in manifest["groups"].items():
-        file = directory / entry["file"]
-        if not file.is_file():
+    return manifest
+
+
+def load_store(
+    directory: str | os.PathLike, expected_fingerprint: str | None = None
+) -> CovarianceStore:
+    """A store on disk (its sums read group by group, on use); refuses one made for another
+    model than `expected_fingerprint`."""
+    directory = Path(directory)
+    manifest = read_manifest(directory, expected_fingerprint)
+    groups = manifest["groups"]
+    for key, entry in groups.items():
+        if entry["file"] != group_file(key) or not (directory / entry["file"]).is_file():
             raise InputError(f"covariance store {directory}: missing {entry['file']} (group {key})")
-        tensor = load_file(str(file))["sum"]
-        d = entry["in_features"]
-        if tensor.dtype != torch.float64 or tuple(tensor.shape) != (d, d):
-            raise InputError(
-                f"{file}: expected a float64 {d}x{d} sum, got {tensor.dtype} {tuple(tensor.shape)}"
-            )
-        sums[key], tokens[key], modules[key] = tensor, entry["tokens"], entry["modules"]
     return CovarianceStore(
-        sums=sums,
-        tokens=tokens,
+        sums=GroupSums(directory, {k: e["in_features"] for k, e in groups.items()}),
+        tokens={k: e["tokens"] for k, e in groups.items()},
         samples=manifest["samples"],
         model_fingerprint=manifest["model_fingerprint"],
         normalize=manifest["normalize"],
-        modules=modules,
+        modules={k: e["modules"] for k, e in groups.items()},
         data_fingerprints=tuple(manifest["data_fingerprints"]),
     )
