@@ -105,7 +105,7 @@ class Sampler:
         return self.peak - self.start
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, max_calls=1)  # a fresh process: its peak RSS is its own
 def runtime_rss() -> int:
     """An actor process's footprint before any model: the imports every actor makes."""
     import kore_ray.constraint.partials  # noqa: F401  (torch, transformers, the stage's code)
@@ -114,7 +114,7 @@ def runtime_rss() -> int:
     return peak_rss_bytes()
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, max_calls=1)  # a fresh process: its peak RSS is its own
 def single_process(model_dir: str, items, batch_size: int, max_length: int, out: str) -> int:
     """The core's float64 store of the same micro-batches in one process, one thread."""
     import torch
@@ -133,7 +133,7 @@ def single_process(model_dir: str, items, batch_size: int, max_length: int, out:
     return peak_rss_bytes()
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, max_calls=1)  # a fresh process: its peak RSS is its own
 def compare(a: str, b: str) -> float:
     """max over groups of max |a - b| / max |b|, one group in memory at a time."""
     from kore_ray.constraint.store import load_store
@@ -192,7 +192,7 @@ def main() -> None:
         results = {}
         for actors in (1, 2):
             cov = CovarianceConfig(batch_size=args.batch_size, max_length=args.length + 1,
-                                   sequences_per_task=args.batch_size * 2, num_actors=actors,
+                                   sequences_per_task=args.batch_size, num_actors=actors,
                                    num_reducers=2, use_gpu=False)
             out = work / f"actors{actors}"
             sampler = Sampler()
@@ -206,7 +206,7 @@ def main() -> None:
             actor_peak = max(p["peak_rss"] for p in stats["partials"])
             reducer_peak = max(r["peak_rss"] for r in stats["reducers"])
             moved = stats["partials"][0]["pass_moved_bytes"]
-            disk = sum(p["bytes"] for p in stats["partials"])
+            disk = sum(p["bytes"] for p in stats["partials"])  # the newest partial of each actor
             err = ray.get(compare.remote(str(out / "covariance"), str(reference)))
             results[actors] = {
                 "driver_peak_over_store": driver / store_bytes,
@@ -216,7 +216,7 @@ def main() -> None:
                 "rel_err": err,
             }
             print(f"{actors} actor(s): {elapsed:.0f} s, {stats['tasks']} tasks, "
-                  f"{len(stats['partials'])} partials ({disk / GB:.2f} GB written)\n"
+                  f"{len(stats['partials'])} partials ({disk / GB:.2f} GB on disk)\n"
                   f"  driver peak +{driver / 1e6:.0f} MB ({driver / store_bytes:.4f} of the store)\n"
                   f"  actor peak {actor_peak / GB:.2f} GB vs predicted {predicted['actor'] / GB:.2f} GB"
                   f" ({actor_peak / predicted['actor']:.3f}x)\n"

@@ -116,7 +116,8 @@ def remote_model_spec(name_or_path: str, dtype: str = "float32") -> ModelSpec:
     """model_spec in a one-CPU Ray task, so the driver's memory never holds the weights."""
     import ray
 
-    return ray.get(ray.remote(num_cpus=1, max_retries=1)(model_spec).remote(name_or_path, dtype))
+    task = ray.remote(num_cpus=1, max_retries=1, max_calls=1)(model_spec)  # exits: memory freed
+    return ray.get(task.remote(name_or_path, dtype))
 
 
 def shard_groups(groups: Sequence[TargetGroup], n: int) -> list[list[TargetGroup]]:
@@ -218,8 +219,9 @@ class _Schedule:
         import ray
 
         while len(self.done) < len(self.tables):
-            for a in range(len(self.actors)):
-                self._submit(a)
+            for depth in range(1, ADDS_IN_FLIGHT + 1):  # one task each first, then the next
+                for a in range(len(self.actors)):
+                    self._submit(a, depth)
             if not self.calls:
                 raise RuntimeError("covariance: no work in flight but tasks are unsaved (a bug)")
             ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=5)
@@ -227,7 +229,8 @@ class _Schedule:
                 self._finish(ref)
         return list(self.latest.values())
 
-    def _submit(self, a: int) -> None:
+    def _submit(self, a: int, depth: int) -> None:
+        """Give actor `a` tasks until it has `depth` in flight, and a flush when one is due."""
         if self.suspect[a]:
             return
         actor = self.actors[a]
@@ -236,7 +239,7 @@ class _Schedule:
             if self.since_flush[a] and due and not self.flushing[a]:
                 self.calls[actor.flush.remote()] = (a, "flush", None)
                 self.flushing[a], self.since_flush[a] = True, 0
-            if self.adds[a] >= ADDS_IN_FLIGHT or not self.queue:
+            if self.adds[a] >= depth or not self.queue:
                 return
             task = self.queue.popleft()
             if task in self.done:  # saved by an actor whose call to add it had failed
@@ -399,8 +402,9 @@ def reduce_store(
     if base is not None:
         samples += base["samples"]
         tokens = {k: t + base["groups"][k]["tokens"] for k, t in tokens.items()}
-    reduce = ray.remote(reduce_groups).options(num_cpus=1, scheduling_strategy="SPREAD",
-                                               max_retries=2)
+    # max_calls=1: each reducer's process exits when done, returning its memory at once.
+    reduce = ray.remote(num_cpus=1, scheduling_strategy="SPREAD", max_retries=2,
+                        max_calls=1)(reduce_groups)
     shards = shard_groups(spec.groups, cov.num_reducers)
     with atomic_directory(out_dir) as tmp:
         stats = ray.get([
