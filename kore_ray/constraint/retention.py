@@ -1,6 +1,6 @@
 """Retention data for the covariance: a file -> texts -> micro-batches -> model inputs.
 
-Pure functions, no Ray. The distributed covariance (distributed.py) and any single-process
+Pure functions, no Ray. The covariance stage (covariance_stage.py) and any single-process
 reference use the same ones, so both run exactly the same micro-batches: the core sums each
 micro-batch's x x^T in float32 before adding it in float64, so how tokens are batched decides
 the last bits of the result, and only identical batches give identical sums.
@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from kore_ray.data.io import import_llava, load_image, read_records
@@ -213,32 +212,3 @@ def vlm_inputs(
             for k, v in enc.items()
         }
     return dict(enc)
-
-
-def pack_upper(matrix: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
-    """The upper triangle of a symmetric d x d matrix, row by row (d(d+1)/2 values).
-
-    Half the bytes of the full matrix through the object store; x x^T sums are symmetric
-    (and eigh reads one triangle anyway). `out` receives the values without another copy.
-    """
-    m = matrix.detach().cpu().numpy()
-    d = m.shape[0]
-    if out is None:
-        out = np.empty(d * (d + 1) // 2, dtype=m.dtype)
-    start = 0
-    for r in range(d):  # one contiguous copy per row: faster than a boolean-mask gather
-        out[start : start + d - r] = m[r, r:]
-        start += d - r
-    return out
-
-
-def unpack_upper(packed: np.ndarray, d: int) -> torch.Tensor:
-    """The symmetric d x d matrix whose upper triangle pack_upper returned."""
-    if packed.shape != (d * (d + 1) // 2,):
-        raise InputError(f"packed triangle of {packed.shape[0]} values does not fit d={d}")
-    out = np.empty((d, d), dtype=packed.dtype)
-    start = 0
-    for r in range(d):
-        out[r, r:] = out[r:, r] = packed[start : start + d - r]
-        start += d - r
-    return torch.from_numpy(out)
