@@ -5,7 +5,8 @@ order (a failing step is recorded with its error and the next one still runs):
 
   env          torch, CUDA, GPUs, vLLM
   covariance   the covariance stage with one actor per GPU (up to 2), and on the CPU: time
-               of each, relative difference of the GPU store from the CPU one
+               of each, relative difference of the GPU store from the CPU one; and KORE's
+               reference collection against ours on one GPU (speedup_vs_kore_reference)
   init         KORE's null-space init with the covariances on the GPU (cuSOLVER eigh) and on
                the CPU: time of each, the largest principal angle between their A0 row spaces
   train_ddp    KORE, bfloat16 base weights, nccl, one worker per GPU: step time, tokens/s,
@@ -116,7 +117,42 @@ def step_covariance(cfgs) -> dict:
     rel = max(((gpu.sums[k] - cpu.sums[k]).abs().max() / cpu.sums[k].abs().max()).item()
               for k in cpu.sums)
     return {"gpu_s": round(t1 - t0, 2), "cpu_s": round(t2 - t1, 2), "rel_diff_vs_cpu": rel,
-            "tokens": gpu.tokens[next(iter(gpu.tokens))]}
+            "tokens": gpu.tokens[next(iter(gpu.tokens))], **_versus_kore_reference()}
+
+
+def _versus_kore_reference() -> dict:
+    """benchmarks/covariance.py's peer ratio on one GPU: KORE's reference collection (a hook
+    on every linear, batch 1) over ours on the same tokens, best of 3 each."""
+    import torch
+    from _common import token_batches
+    from covariance import kore_reference  # benchmarks/covariance.py
+
+    from kore_ray.constraint.covariance import collect_covariance
+    from kore_ray.models import load_model
+    from kore_ray.models.gemma import embedded_gemma_path
+    from kore_ray.models.targets import find_target_groups
+
+    model, tokenizer = load_model(str(embedded_gemma_path()), "bfloat16", "cuda")
+    groups = find_target_groups(model)
+    batches = [{k: v.cuda() for k, v in b.items()}
+               for b in token_batches(tokenizer, 8, 16, 64, 128)]
+    sequences = [b["input_ids"][i][b["attention_mask"][i].bool()]
+                 for b in batches for i in range(len(b["input_ids"]))]
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    ours = best(lambda: collect_covariance(model, batches, groups, normalize="sample_max"))
+    theirs = best(lambda: kore_reference(model, sequences))
+    return {"speedup_vs_kore_reference": round(theirs / ours, 2), "ours_s": round(ours, 3),
+            "kore_reference_s": round(theirs, 3)}
 
 
 def step_init(cfgs) -> dict:
