@@ -308,3 +308,45 @@ def test_fingerprint_of_a_tensor_wider_than_float32_can_index():
     with torch.no_grad():
         big.weight[-1] = 123.0  # the last element is sampled
     assert model_fingerprint(big) != first
+
+
+def test_a_loaded_store_reads_one_group_per_lookup(two_stores, tmp_path, monkeypatch):
+    """Init reads a store group by group: at 70B widths the whole store is 655 GB."""
+    path = save_store(tmp_path / "covariance", two_stores[0])
+    reads = []
+    real_load = store_mod.load_file
+    monkeypatch.setattr(store_mod, "load_file", lambda f: reads.append(f) or real_load(f))
+    loaded = load_store(path)
+    assert reads == []  # nothing read until a group is asked for
+    key = next(iter(two_stores[0].sums))
+    assert torch.equal(loaded.sums[key], two_stores[0].sums[key])
+    assert len(reads) == 1 and reads[0].endswith(store_mod.group_file(key))
+
+
+def test_reducer_adds_partials_and_a_base_store_group_by_group(two_stores, tmp_path):
+    """covariance_stage.reduce_groups, the reducers' core, without Ray."""
+    from kore_ray.constraint.covariance_stage import reduce_groups
+
+    a, b, both = two_stores
+    save_store(tmp_path / "a", a)
+    save_store(tmp_path / "b", b)
+    keys = sorted(a.sums)[:3]  # a reducer's shard
+    out = tmp_path / "out"
+    out.mkdir()
+    widths = {k: (a.sums[k].shape[0], [str(tmp_path / "a")]) for k in keys}
+    reduce_groups(widths, str(tmp_path / "b"), str(out))  # b as the base store
+    assert sorted(p.name for p in out.iterdir()) == sorted(store_mod.group_file(k) for k in keys)
+    for k in keys:
+        total = store_mod.read_group(out, k, a.sums[k].shape[0])
+        assert ((total - both.sums[k]).abs().max() / both.sums[k].abs().max()).item() < 1e-12
+
+
+def test_groups_shard_by_bytes_of_sums():
+    from kore_ray.constraint.covariance_stage import shard_groups
+
+    groups = [TargetGroup(f"g{i}", (f"m{i}",), d) for i, d in enumerate([4096, 11008, 4096, 4096, 11008])]
+    shards = shard_groups(groups, 2)
+    loads = sorted(sum(g.in_features**2 for g in s) for s in shards)
+    assert sorted(g.key for s in shards for g in s) == sorted(g.key for g in groups)
+    assert loads == [11008**2 + 4096**2, 11008**2 + 2 * 4096**2]
+    assert len(shard_groups(groups[:1], 4)) == 1  # never an empty shard
