@@ -112,6 +112,9 @@ class CovarianceConfig(_Section):
     batch_size: PositiveInt = 8  # sequences per forward pass (micro-batch) inside an actor
     max_length: PositiveInt = 256  # tokens per sequence; longer text is truncated
     num_actors: PositiveInt = 1  # model replicas; one GPU each when use_gpu
+    # GPUs per actor when use_gpu: above 1 the model is split over them layer by layer
+    # (device_map="auto"), for weights plus sums beyond one GPU (70B; docs/DESIGN.md).
+    gpus_per_actor: PositiveInt = 1
     # Sequences per Ray task: the unit an actor is handed, and redone when an actor is lost.
     sequences_per_task: PositiveInt = 256
     # Each actor saves its sums to the run directory this often (and at the end): a lost

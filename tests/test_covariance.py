@@ -350,3 +350,26 @@ def test_groups_shard_by_bytes_of_sums():
     assert sorted(g.key for s in shards for g in s) == sorted(g.key for g in groups)
     assert loads == [11008**2 + 4096**2, 11008**2 + 2 * 4096**2]
     assert len(shard_groups(groups[:1], 4)) == 1  # never an empty shard
+
+
+def test_a_model_split_by_device_map_gives_the_same_sums(tmp_path, monkeypatch):
+    """device "auto" (covariance.gpus_per_actor > 1) loads through accelerate's device_map;
+    here, without GPUs, everything lands on the CPU and the sums must not change."""
+    import transformers
+
+    from kore_ray.models.loading import load_model
+    from kore_ray.models.tiny import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "llama", "llama")
+    plain, tokenizer = load_model(model_dir)
+    calls = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: calls.append(k) or real(*a, **k))
+    split, _ = load_model(model_dir, device="auto")
+    assert calls[0].get("device_map") == "auto"
+    assert model_fingerprint(split) == model_fingerprint(plain)
+    batch = [dict(tokenizer(TEXTS, return_tensors="pt", padding=True))]
+    a = collect_covariance(plain, batch, find_target_groups(plain))
+    b = collect_covariance(split, batch, find_target_groups(split))
+    assert a.tokens == b.tokens and _relative_error(b.sums, a.sums) == 0.0

@@ -338,11 +338,13 @@ def run_pass(
 
     use_gpu = _use_gpu(cov)
     Actor = ray.remote(CovarianceActor).options(
-        num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=-1, max_task_retries=0
+        num_cpus=1, num_gpus=cov.gpus_per_actor if use_gpu else 0, max_restarts=-1,
+        max_task_retries=0,
     )
+    device = ("auto" if cov.gpus_per_actor > 1 else "cuda") if use_gpu else "cpu"
     actors = [
         Actor.remote(spec, list(keys), cov.normalize, cov.max_length,
-                     "cuda" if use_gpu else "cpu", partials_dir)
+                     device, partials_dir)
         for _ in range(cov.num_actors)
     ]
     try:

@@ -64,7 +64,11 @@ def is_vision_language(config) -> bool:
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
-    """Return (model, tokenizer_or_processor) in eval mode; vision-language models get a processor."""
+    """Return (model, tokenizer_or_processor) in eval mode; vision-language models get a processor.
+
+    device "auto" splits the model over every visible GPU, layer by layer (accelerate's
+    device_map), for a model that one device cannot hold; on a machine without GPUs it is CPU.
+    """
     import torch
     from transformers import (
         AutoConfig,
@@ -79,12 +83,13 @@ def load_model(name_or_path: str | os.PathLike, dtype: str = "float32", device: 
     path = resolve_model_path(name_or_path)
     try:
         config = AutoConfig.from_pretrained(path)
+        split = {"device_map": "auto"} if device == "auto" else {}
         if is_vision_language(config):
-            model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype), **split)
             tok = AutoProcessor.from_pretrained(path)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **split)
             tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise ModelError(f"could not load model from {path}: {type(e).__name__}: {e}") from e
-    return model.to(device).eval(), tok
+    return (model if split else model.to(device)).eval(), tok
