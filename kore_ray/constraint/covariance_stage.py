@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import sys
 import time
@@ -453,6 +454,11 @@ def collect_distributed(
     return {"tasks": len(tables), "partials": partials, "reducers": reducers}
 
 
+def _layers(groups: Sequence[TargetGroup]) -> int:
+    """How many decoder layers the groups sit in (the first number in each key)."""
+    return len({m.group(0) for g in groups if (m := re.search(r"\.\d+\.", g.key))}) or 1
+
+
 def run_covariance(
     cfg: PipelineConfig, add_to: str | None = None, force: bool = False, progress: bool = True
 ) -> CovarianceStore:
@@ -509,6 +515,7 @@ def run_covariance(
     _log(
         f"{n_tokens:,} tokens from {len(items):,} sequences in {elapsed:.1f} s "
         f"({n_tokens / elapsed:,.0f} tokens/s) on {cov.num_actors} actor(s), "
-        f"{len(stats['partials'])} partial(s), {len(spec.groups)} target groups -> {out_dir}"
+        f"{len(stats['partials'])} partial(s), {len(spec.groups)} target groups in "
+        f"{_layers(spec.groups)} layers -> {out_dir}"
     )
     return store
