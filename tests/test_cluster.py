@@ -2,9 +2,9 @@
 
 Runs benchmarks/cluster.py (its own process: it is a driver of the local cluster that
 scripts/local_cluster.sh starts) on a tiny Llama: covariance actors on 2 nodes, 2 training
-workers on 2 nodes against 1 worker, and a node lost mid-training. The augmentation
-autoscaling and `ray job submit` checks of the same script take ~10 more minutes and are
-left to the benchmark. Select with `-m cluster`; conftest runs these tests first, since the
+workers on 2 nodes, and a node lost mid-training. The augmentation autoscaling, `ray job
+submit` and 1-worker comparison checks of the same script take ~10 more minutes and are left
+to the benchmark (tests/test_train_ray.py compares 2 workers with 1 on one node). Select with `-m cluster`; conftest runs these tests first, since the
 cluster's start and stop (`ray stop --force`) would take down the session's local Ray.
 """
 
@@ -28,8 +28,7 @@ def test_covariance_training_and_a_lost_node_on_a_multi_node_cluster():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["covariance_nodes"] == 2 and result["covariance_rel_err"] < 1e-10
-    assert result["train_nodes"] == 2  # gloo across two raylets
-    assert result["train_matches_1_worker"], result["train_loss_rel_diff"]
+    assert result["train_nodes"] == 2 and result["train_steps"] == 6  # gloo across two raylets
     assert result["resumed_after_node_loss"] and result["node_replaced"]
     assert result["steps_lost_or_repeated"] == 0
     assert result["adapter_rel_diff"] < 1e-4, result["adapter_rel_diff"]

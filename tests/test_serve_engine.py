@@ -248,7 +248,7 @@ def test_augmentation_dialogues_from_our_own_endpoint(served, tmp_path):
         f"augment.base_url={client.base_url}", f"augment.model={BASE}",
         "augment.api_key_env=KORE_SERVE_TEST_TOKEN", "augment.dialogues_per_item=1",
         "augment.generators=[endpoint]",
-        "augment.temperature=0", "augment.max_tokens=300", "augment.max_retries=1",
+        "augment.temperature=0", "augment.max_tokens=160", "augment.max_retries=1",
         "augment.timeout_s=300",  # vLLM refuses max_tokens past max_model_len: no silent cap
     ])
     summary = run_augment(cfg, progress=False)
