@@ -199,7 +199,7 @@ class _Schedule:
                  interval: float, bar: _Progress):
         import ray
 
-        self.actors, self.current, self.tables, self.spec = actors, ids, tables, spec
+        self.actors, self.tables, self.spec = actors, tables, spec
         self.interval, self.bar = interval, bar
         self.queue = deque(range(len(tables)))
         self.done: set[int] = set()  # tasks in a saved partial
@@ -317,7 +317,7 @@ class _Schedule:
         for task in lost:
             self._lost(task, RuntimeError("its actor died before saving it"))
         inc = state["incarnation"]
-        self.seen[a], self.current[a], self.suspect[a] = {inc}, inc, False
+        self.seen[a], self.suspect[a] = {inc}, False
         self.last_flush[a], self.since_flush[a] = time.monotonic(), 0
 
 
