@@ -7,6 +7,7 @@ checkpoint every 2 steps; each case gets its own run directory with identical in
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -170,16 +171,21 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_local, make_run, two_wo
 
 
 def test_a_restarted_driver_continues_without_redoing_steps(
-    ray_local, make_run, one_worker, tmp_path
+    ray_local, make_run, one_worker, tmp_path, capsys
 ):
     cfg = make_run("driver", max_failures=0)
     marker = tmp_path / "died"
     with pytest.raises(Exception, match="(?i)worker"):
         run_train(cfg, "kore", progress=False, after_step=_die_at(cfg, step=3, rank=0,
                                                                  marker=marker))
-    run_train(cfg, "kore", progress=False)  # a new driver, same run directory
+    capsys.readouterr()
+    run_train(cfg, "kore", progress=True)  # a new driver, same run directory
     _resumed_at_step_2(cfg, float(marker.read_text()))
     assert _losses(cfg) == pytest.approx(_losses(one_worker[0]), rel=1e-6)
+    # One summary line: steps, seconds, the loss from the first step to the last.
+    losses = _losses(cfg)
+    assert re.search(rf"kore train: kore done: {STEPS} steps in \d+ s \(loss "
+                     rf"{losses[0]:.3f} -> {losses[-1]:.3f}\); wrote ", capsys.readouterr().out)
 
 
 def test_a_finished_run_is_skipped_and_kore_export_rewrites_its_adapter(one_worker):

@@ -41,6 +41,7 @@ keeps float32 there.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -237,6 +238,7 @@ def run_train(
         datasets=_shards(cfg, conversations, schedule, progress),
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ordered),
     )
+    start = time.perf_counter()
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {name!r} finished without a checkpoint")
@@ -246,5 +248,8 @@ def run_train(
         adapter = export_checkpoint(cfg, method, directory, dtype=dtype)
     write_record(out / DONE_RECORD, done_record)  # after the export: the mark
     if progress:
-        print(f"kore train: wrote {adapter}")
+        losses = [m["loss"] for m in run.train_metrics(method) if "loss" in m]
+        trend = f" (loss {losses[0]:.3f} -> {losses[-1]:.3f})" if losses else ""
+        print(f"kore train: {method} done: {steps} steps in {time.perf_counter() - start:.0f} s"
+              f"{trend}; wrote {adapter}")
     return adapter
