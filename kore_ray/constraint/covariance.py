@@ -90,11 +90,15 @@ class CovarianceAccumulator:
         self._unmirrored.clear()
         return self._sums
 
-    def store(self, data_fingerprint: str | None = None) -> CovarianceStore:
-        """The sums so far as a store (on CPU; shares the accumulator's tensors there)."""
+    def check_every_group(self) -> None:
+        """Refuse sums that some target group never received."""
         missing = [g.key for g in self.groups if g.key not in self._sums]
         if missing:
             raise InputError(f"no tokens reached target groups {missing}: empty or fully padded data?")
+
+    def store(self, data_fingerprint: str | None = None) -> CovarianceStore:
+        """The sums so far as a store (on CPU; shares the accumulator's tensors there)."""
+        self.check_every_group()
         return CovarianceStore(
             sums={k: v.cpu() for k, v in self.sums.items()},
             tokens=dict(self.tokens),

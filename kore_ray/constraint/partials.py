@@ -23,11 +23,10 @@ import pyarrow as pa
 
 from kore_ray.constraint.covariance import CovarianceAccumulator, accumulate
 from kore_ray.constraint.retention import RetentionItem, text_inputs, tokenize_texts, vlm_inputs
-from kore_ray.constraint.store import store_manifest, write_group, write_manifest
+from kore_ray.constraint.store import store_manifest, write_store
 from kore_ray.data.tokenize import pad_token_id
-from kore_ray.errors import InputError
 from kore_ray.models.loading import load_model
-from kore_ray.run_dir import atomic_directory, model_fingerprint
+from kore_ray.run_dir import model_fingerprint
 
 
 def task_table(batches: Sequence[Sequence[RetentionItem]]) -> pa.Table:
@@ -117,14 +116,8 @@ class CovarianceActor:
         manifest = {**store_manifest(self.fingerprint, acc.normalize, acc.samples, acc.tokens, modules),
                     "tasks": list(self.tasks), "incarnation": self.id}
         path = self.partials_dir / f"{self.id}-{self.flushes:04d}"
-        sums = acc.sums  # on the model's device(s): one group at a time comes to the host
-        missing = [k for k in modules if k not in sums]
-        if missing:
-            raise InputError(f"no tokens reached target groups {missing}: empty or fully padded data?")
-        with atomic_directory(path) as tmp:
-            for key in manifest["groups"]:
-                write_group(tmp, key, sums[key].cpu())
-            write_manifest(tmp, manifest)
+        acc.check_every_group()
+        write_store(path, manifest, acc.sums)  # the sums stay on the model's device(s)
         self.flushes += 1
         return {"incarnation": self.id, "path": str(path), "tasks": list(self.tasks),
                 "bytes": sum(f.stat().st_size for f in path.iterdir()),

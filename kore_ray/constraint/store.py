@@ -126,8 +126,9 @@ def in_features(modules: Mapping[str, list[int]]) -> int:
 
 
 def write_group(directory: str | os.PathLike, key: str, tensor: torch.Tensor) -> None:
-    save_file({"sum": tensor.to(torch.float64).contiguous()}, str(Path(directory) / group_file(key)),
-              metadata={"group": key})
+    """One group's sum as float64 on the host (a GPU sum comes over alone, then is freed)."""
+    save_file({"sum": tensor.to("cpu", torch.float64).contiguous()},
+              str(Path(directory) / group_file(key)), metadata={"group": key})
 
 
 def read_group(directory: str | os.PathLike, key: str, d: int) -> torch.Tensor:
@@ -162,10 +163,14 @@ class GroupSums(Mapping):
 
 def save_store(directory: str | os.PathLike, store: CovarianceStore) -> Path:
     """Write `store` to `directory` atomically; returns the directory."""
-    manifest = store.manifest()
+    return write_store(directory, store.manifest(), store.sums)
+
+
+def write_store(directory: str | os.PathLike, manifest: dict, sums: Mapping[str, torch.Tensor]) -> Path:
+    """A store directory, atomically: each group of `manifest` from `sums`, the manifest last."""
     with atomic_directory(directory) as tmp:
         for key in manifest["groups"]:
-            write_group(tmp, key, store.sums[key])
+            write_group(tmp, key, sums[key])
         write_manifest(tmp, manifest)
     return Path(directory)
 
