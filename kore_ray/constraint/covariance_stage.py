@@ -9,7 +9,8 @@ Shape of the job (a thin shell around the core's accumulator):
   actors (`num_actors`, a GPU each where present; partials.CovarianceActor): each keeps one
      float64 sum per target group across all the tasks it is given, and a task returns
      counts only. Every `flush_interval_s`, and when the work runs out, an actor writes its
-     sums to `<run_dir>/covariance.partials/` (a "partial") and starts again from zero.
+     sums so far to `<run_dir>/covariance.partials/` (a "partial", cumulative: the driver
+     deletes the one it supersedes).
   reducers (`num_reducers` Ray tasks, spread over nodes): each owns a shard of the target
      groups, balanced by d^2, adds each of its groups over every partial (and the `add_to`
      store) in float64 and writes the group's file straight into the new store. The driver
@@ -195,11 +196,9 @@ class _Schedule:
     """Hands tasks to actors and keeps the books: which incarnation summed which task, and
     which tasks are saved in a partial on disk (`done`)."""
 
-    def __init__(self, actors: list, ids: list[str], tables: list, spec: ModelSpec,
-                 interval: float, bar: _Progress):
-        import ray
-
-        self.actors, self.tables, self.spec = actors, tables, spec
+    def __init__(self, actors: list, ids: list[str], tables: list, sizes: list[int],
+                 spec: ModelSpec, interval: float, bar: _Progress):
+        self.actors, self.tables, self.sizes, self.spec = actors, tables, sizes, spec
         self.interval, self.bar = interval, bar
         self.queue = deque(range(len(tables)))
         self.done: set[int] = set()  # tasks in a saved partial
@@ -211,9 +210,8 @@ class _Schedule:
         n = len(actors)
         self.adds, self.flushing, self.suspect = [0] * n, [False] * n, [False] * n
         self.since_flush, self.last_flush = [0] * n, [time.monotonic()] * n
-        # Bytes through the object store: each add fetches its task's table, each call's
-        # result comes back (pickled sizes; the sums themselves go through the run directory).
-        self.sizes = [len(pickle.dumps(ray.get(t))) for t in tables]
+        # Bytes through the object store: each add fetches its task's table (`sizes`), each
+        # call's result comes back (the sums themselves go through the run directory).
         self.moved = 0
 
     def run(self) -> list[dict]:
@@ -329,10 +327,11 @@ def _check_partials(partials: list[dict], n_tasks: int) -> None:
 
 
 def run_pass(
-    tables: list, spec: ModelSpec, keys: Sequence[str], cov: CovarianceConfig, partials_dir: str,
-    bar: _Progress,
+    tables: list, sizes: list[int], spec: ModelSpec, keys: Sequence[str], cov: CovarianceConfig,
+    partials_dir: str, bar: _Progress,
 ) -> list[dict]:
-    """Sum target groups `keys` over every task on `cov.num_actors` actors; returns the
+    """Sum target groups `keys` over every task (`tables`: object refs, `sizes`: their
+    pickled bytes) on `cov.num_actors` actors; returns the
     flush results (path, tasks, incarnation, peak_rss; the pass's ready_s and done_s) of the
     partials written."""
     import ray
@@ -350,7 +349,8 @@ def run_pass(
     ]
     try:
         start = time.perf_counter()
-        schedule = _Schedule(actors, _ready(actors, spec), tables, spec, cov.flush_interval_s, bar)
+        schedule = _Schedule(actors, _ready(actors, spec), tables, sizes, spec,
+                             cov.flush_interval_s, bar)
         ready = time.perf_counter()
         partials = schedule.run()
         for p in partials:  # when the actors were up, when the work was done, bytes moved
@@ -398,7 +398,8 @@ def reduce_store(
     # Each pass sums every sequence once: its partials' sample counts add up to the total.
     by_pass: dict[tuple, int] = {}
     for m in manifests:
-        by_pass[tuple(sorted(m["groups"]))] = by_pass.get(tuple(sorted(m["groups"])), 0) + m["samples"]
+        groups = tuple(sorted(m["groups"]))
+        by_pass[groups] = by_pass.get(groups, 0) + m["samples"]
     if len(set(by_pass.values())) != 1:
         raise RuntimeError(f"covariance passes saw different numbers of sequences: {by_pass}")
     samples = next(iter(by_pass.values()))
@@ -438,15 +439,18 @@ def collect_distributed(
     if not batches:
         raise InputError("no retention data to collect a covariance from")
     per_task = max(1, cov.sequences_per_task // cov.batch_size)  # micro-batches per task
-    tables = [ray.put(task_table(batches[i : i + per_task]))
-              for i in range(0, len(batches), per_task)]
+    local = [task_table(batches[i : i + per_task]) for i in range(0, len(batches), per_task)]
+    sizes = [len(pickle.dumps(t)) for t in local]
+    tables = [ray.put(t) for t in local]
+    del local
     shutil.rmtree(partials_dir, ignore_errors=True)  # a crashed run's partials are not ours
     passes = shard_groups(spec.groups, cov.passes)
     bar = _Progress(sum(len(b) for b in batches) * len(passes), progress)
     partials = []
     try:
         for groups in passes:
-            partials += run_pass(tables, spec, [g.key for g in groups], cov, str(partials_dir), bar)
+            partials += run_pass(tables, sizes, spec, [g.key for g in groups], cov,
+                                 str(partials_dir), bar)
     finally:
         bar.close()
     reducers = reduce_store(partials, spec, cov, base_dir, data_fingerprints, out_dir)
