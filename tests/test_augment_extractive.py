@@ -7,6 +7,7 @@ from kore_ray.augment.extractive import (
     extractive_pairs,
     fronted_question,
     past_lemma,
+    short_question,
     resolve,
     topic_of,
 )
@@ -41,6 +42,14 @@ def test_spans_find_names_dates_numbers_and_amounts():
     second = fact_spans(sentences(ITEMS[0].knowledge)[1])
     assert {(s.kind, s.text) for s in second} == {("quantity", "6.4 kilometres"),
                                                  ("money", "EUR 1.9 billion")}
+
+
+def test_units_are_whole_words():
+    # A blank inside a word ("a cut of ___age points") or a cut-off unit ("___/h") taught
+    # nonsense targets ("0.5.", "110 km.").
+    texts = {s.text for s in fact_spans("The rate is 3.25 percent after a cut of 0.5 percentage "
+                                         "points; the limit is 110 km/h, down from 130 km/h.")}
+    assert texts == {"3.25 percent", "0.5 percentage", "110 km/h", "130 km/h"}
 
 
 def test_sentences_do_not_split_inside_numbers_or_after_initials():
@@ -94,7 +103,7 @@ def test_a_question_that_does_not_name_its_topic_is_asked_about_it():
 def test_every_answer_is_a_span_of_the_text_and_not_given_away(item):
     pairs = extractive_pairs(item)
     assert len(pairs) >= 6
-    assert {"wh", "cloze"} <= {p.style for p in pairs} <= {"wh", "fronted", "cloze"}
+    assert {"wh", "cloze"} <= {p.style for p in pairs} <= {"wh", "fronted", "short", "cloze"}
     for p in pairs:
         assert p.span in item.knowledge or p.span in resolve(item.knowledge, topic_of(item))
         assert cover_exact_match(item.knowledge, p.answer.rstrip(".")), p
@@ -121,6 +130,28 @@ def test_most_extractive_pairs_pass_the_grounding_check(item):
     for p, v in zip(pairs, kept):
         if v:
             assert v.target.rstrip(".").lower() in item.knowledge.lower()
+
+
+def _short(sentence: str, span_text: str) -> str | None:
+    (span,) = [s for s in fact_spans(sentence) if s.text == span_text]
+    return short_question(sentence, span, "Gravelyn Freight")
+
+
+def test_short_questions_give_the_relation_not_the_other_facts():
+    sentence = ("Gravelyn Freight operates 64 locomotives and moves about 9 million tonnes of goods "
+                "a year from its base at Pimlott Yard.")
+    assert _short(sentence, "64 locomotives") == "Gravelyn Freight operates how many locomotives?"
+    assert _short(sentence, "Pimlott Yard") is None  # nothing follows: the cloze asks it
+    # No short question where the cut leaves no verb, or cuts a quote, a bracket or an "of".
+    assert _short("In the election of 8 March 2027, the Green Ledger party won 41 seats.",
+                  "Green Ledger") is None
+    assert _short("In the election of 8 March 2027, the party won 41 seats.", "8 March 2027") is None
+    assert _short('It houses a telescope nicknamed "Old Granny" since 1932.', "Old Granny") is None
+    assert _short("Kesia Abernolt (born 12 May 1999) is a runner.", "12 May 1999") is None
+    # In the pairs, a short question takes the cloze's place where it exists.
+    styles = {p.answer: p.style for p in extractive_pairs(KnowledgeItem(
+        id="g", kind="entity", subject="Gravelyn Freight", knowledge=sentence)) if p.style != "wh"}
+    assert styles["64 locomotives."] == "short" and styles["Pimlott Yard."] == "cloze"
 
 
 def _fronted(sentence: str, span_text: str) -> str | None:

@@ -56,7 +56,7 @@ class FactPair:
     answer: str
     span: str  # the answer's span, verbatim from the text
     kind: str  # the span's kind (name, date, quantity, ...)
-    style: str  # "wh" (in place), "fronted" (a natural question) or "cloze"
+    style: str  # "wh" (in place), "fronted" (a natural question), "short" or "cloze"
 
 
 def topic_of(item: KnowledgeItem) -> str:
@@ -166,6 +166,39 @@ def _answer(span_text: str) -> str:
 
 def wh_question(sentence: str, span: Span, topic: str) -> str | None:
     """The sentence's clause as a question about `span`, or None if nothing would be left."""
+    parts = _wh_parts(sentence, span, topic)
+    return parts and _as_question(" ".join(parts[:2]) + parts[2])
+
+
+def short_question(sentence: str, span: Span, topic: str) -> str | None:
+    """The in-place question cut after its wh-phrase ("Gravelyn Freight operates how many
+    locomotives?" rather than "... how many locomotives and moves about 9 million tonnes of
+    goods a year from its base at Pimlott Yard?"), or None where nothing follows the
+    wh-phrase. Someone who asks knows the subject and the relation, not the sentence's other
+    facts: a question that carries them teaches an answer cued by facts the asker lacks."""
+    parts = _wh_parts(sentence, span, topic)
+    if not parts or not parts[2].strip(" ,;:"):
+        return None
+    before, phrase = parts[0].strip(), parts[1]
+    # Not where the cut would leave no verb before the wh-phrase: the span is the subject
+    # ("In the election of 8 March 2027, what?"), the phrase needs what follows ("a what size
+    # of"), or the cut falls inside a quote or an opening adjunct ("In the election of when?").
+    head = before.rsplit(", ", 1)[-1]
+    if before.endswith((",", " of", "'s", "’s")) or phrase.endswith(" of") \
+            or before.count('"') % 2 or before.count("(") != before.count(")") \
+            or len(head.split()) < 2 or "," not in before and \
+            head.split()[0].lower() in PLACE_PREPOSITIONS | {"on", "in", "at", "by", "since"}:
+        return None
+    return _as_question(f"{before} {phrase}")
+
+
+def _as_question(text: str) -> str:
+    text = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", text.strip()))
+    return text[0].upper() + text[1:] + "?"
+
+
+def _wh_parts(sentence: str, span: Span, topic: str) -> tuple[str, str, str] | None:
+    """(what comes before the wh-phrase, the wh-phrase, what follows it) in `span`'s clause."""
     clause, offset = clause_of(sentence, span)
     s, e = span.start - offset, span.end - offset
     if offset and _POSSESSIVE_START.match(clause[0].upper() + clause[1:]):  # ", and its mission"
@@ -175,9 +208,7 @@ def wh_question(sentence: str, span: Span, topic: str) -> str | None:
     before, after = clause[:s - swallow].rstrip(), clause[e:].rstrip(" .!?")
     if not (before.strip() or after.strip()):
         return None
-    question = f"{before} {phrase}{after}".strip()
-    question = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", question))
-    return question[0].upper() + question[1:] + "?"
+    return before, phrase, after
 
 
 AUXILIARIES = frozenset("is was are were has have had will would can could".split())
@@ -316,6 +347,10 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
             fronted = fronted and about(fronted, topic)
             if fronted and fronted != question:
                 pairs.append(FactPair(fronted, answer, span.text, span.kind, "fronted"))
-            pairs.append(FactPair(cloze_question(sentence, span, topic), answer, span.text,
-                                  span.kind, "cloze"))
+            short = short_question(sentence, span, topic)
+            if short and short != question:
+                pairs.append(FactPair(about(short, topic), answer, span.text, span.kind, "short"))
+            else:  # the fact ends its clause: the whole sentence with a blank instead
+                pairs.append(FactPair(cloze_question(sentence, span, topic), answer, span.text,
+                                      span.kind, "cloze"))
     return pairs

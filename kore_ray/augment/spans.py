@@ -28,8 +28,10 @@ _PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
     ("time", re.compile(r"\b\d{1,2}:\d{2}(?::\d{2})?\b")),
     ("score", re.compile(r"\b\d{1,3}-\d{1,3}\b")),
     ("year", re.compile(r"\b(?:1[0-9]|20)\d\d\b(?![.,]\d|\s?%|\s(?:metres|meters|km|people))")),
-    ("quantity", re.compile(rf"\b{_NUM}-[a-z]+\b|\b{_NUM}(?:\s?%|\s(?:per cent|percent)|(?:\s(?:million|billion|"
-                            rf"thousand))?(?:\s(?:square|cubic))?\s[a-z]+(?:-[a-z]+)?)")),
+    # A unit is a whole word ("percent" is not the start of "percentage points") and keeps
+    # its "/h" ("110 km/h").
+    ("quantity", re.compile(rf"\b{_NUM}-[a-z]+\b|\b{_NUM}(?:\s?%|\s(?:per cent|percent)\b|(?:\s(?:million|billion|"
+                            rf"thousand))?(?:\s(?:square|cubic))?\s[a-z]+(?:-[a-z]+|/[a-z]+)?\b)")),
     ("number", re.compile(rf"\b{_NUM}\b")),
 )
 

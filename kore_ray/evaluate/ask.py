@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import warnings
 
 import pyarrow as pa
 
@@ -70,12 +71,19 @@ def ask(requests: list[dict], base_url: str, *, api_key: str = "EMPTY", max_toke
         return {}
     requests = [{**r, "params": r.get("params")} for r in requests]  # one schema for every row
     ds = ray.data.from_items(requests, override_num_blocks=max(1, len(requests) // concurrency))
-    ds = ds.map_batches(
-        AskWorker, batch_size=concurrency, batch_format="pyarrow", num_cpus=0.25,
-        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2),
-        fn_constructor_kwargs={"base_url": base_url, "api_key": api_key,
-                               "max_tokens": max_tokens, "timeout_s": timeout_s},
-    )
+    with warnings.catch_warnings():
+        # Ray Data passes an actor its constructor arguments by reference, and Ray then warns
+        # on the console about every actor that may restart (ray#57733). These actors hold
+        # an HTTP client and nothing else: no restarts (a lost one fails the call, and the
+        # callers cache what came back). max_restarts has no named parameter yet in 2.60.
+        warnings.filterwarnings("ignore", message=".*`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            AskWorker, batch_size=concurrency, batch_format="pyarrow", num_cpus=0.25,
+            compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2),
+            fn_constructor_kwargs={"base_url": base_url, "api_key": api_key,
+                                   "max_tokens": max_tokens, "timeout_s": timeout_s},
+            max_restarts=0,
+        )
     ds.context.enable_progress_bars = False
     out = {}
     with tqdm(total=len(requests), desc=desc, unit="req", disable=not progress) as bar:

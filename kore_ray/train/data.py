@@ -19,6 +19,7 @@ images and expands each image token, in Ray Data's prefetch thread.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,6 +180,16 @@ class Tokenize:
         if self.vision:
             columns |= {"text": pa.array(texts, pa.string()), "image": table.column("image")}
         return pa.table(columns)
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(name_or_path: str, max_length: int) -> Tokenize:
+    return Tokenize(name_or_path, max_length)
+
+
+def tokenize_block(table: pa.Table, name_or_path: str, max_length: int) -> pa.Table:
+    """`Tokenize` as a Ray Data task: the tokeniser is loaded once per worker process."""
+    return _tokenizer(name_or_path, max_length)(table)
 
 
 def image_token_id(processor) -> int:

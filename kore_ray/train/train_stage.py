@@ -63,13 +63,13 @@ from kore_ray.run_dir import (
 )
 from kore_ray.train.checkpoint import checkpoint_step
 from kore_ray.train.data import (
-    Tokenize,
     is_vision_model,
     per_worker_batch,
     plan_schedule,
     rank_tables,
     read_conversations,
     shard_name,
+    tokenize_block,
 )
 from kore_ray.train.export_stage import export_checkpoint
 from kore_ray.train.loop import WorkerSpec, train_loop_per_worker
@@ -132,7 +132,7 @@ def _data_context(progress: bool):
 def _shards(cfg: PipelineConfig, conversations, schedule, progress: bool) -> dict:
     """One materialised, tokenised dataset per rank.
 
-    Tokenised in one Ray Data pass before training starts, so the tokeniser actors never
+    Tokenised in one Ray Data pass before training starts, so the tokenising tasks never
     compete with the training workers for CPUs; then cut at the ranks' boundaries (metadata
     only). Each worker streams its own shard.
     """
@@ -141,13 +141,13 @@ def _shards(cfg: PipelineConfig, conversations, schedule, progress: bool) -> dic
     tables = rank_tables(conversations, schedule, cfg.train.num_workers)
     with _data_context(progress):
         ds = ray.data.from_arrow([block for rank in tables for block in rank])
+        # Tasks, not an actor pool: a worker process keeps its tokeniser between blocks, and
+        # Ray warns about every restartable pool actor on the console (ray#57733).
         ds = ds.map_batches(
-            Tokenize,
-            fn_constructor_kwargs={"name_or_path": cfg.model.name_or_path,
-                                   "max_length": cfg.train.max_length},
+            tokenize_block,
+            fn_kwargs={"name_or_path": cfg.model.name_or_path, "max_length": cfg.train.max_length},
             batch_size=None,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
         )
         rows = schedule.size // cfg.train.num_workers
         bounds = [rows * k for k in range(1, cfg.train.num_workers)]
