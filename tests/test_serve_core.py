@@ -308,6 +308,44 @@ def test_an_adapter_the_engine_refuses_is_refused_not_fatal(shapes, tmp_path):
     assert [a.name for a in registry.served()] == ["fine"]
 
 
+def test_an_adapter_is_in_vllms_layer_before_a_request_can_find_it(shapes, tmp_path):
+    """A scan loads adapters one by one; a request for one already loaded must reach vLLM's
+    layer with it listed there, while the scan still loads the next (vLLM answered 404)."""
+    from types import SimpleNamespace
+
+    from kore_ray.config import ServeConfig
+    from kore_ray.serve.serve_stage import KoreLLM
+
+    root = tmp_path / "adapters"
+    write_adapter(root / "a", shapes)
+    write_adapter(root / "b", shapes)
+
+    async def scenario():
+        second, release = asyncio.Event(), asyncio.Event()
+
+        async def add_lora(request):
+            if request.lora_name == "b":
+                second.set()
+                await release.wait()  # the scan is still loading b
+            return True
+
+        replica = object.__new__(KoreLLM.func_or_class)
+        replica.name, replica.settings = "base", ServeConfig()
+        replica.registry = AdapterRegistry(str(root), shapes, max_rank=8, reserved=("base",))
+        replica.engine, replica.models = SimpleNamespace(add_lora=add_lora), SimpleNamespace(
+            lora_requests={})
+        replica._lock, replica._scanned = asyncio.Lock(), float("-inf")
+        scan = asyncio.create_task(replica._refresh())
+        await second.wait()
+        await replica._lora("a")  # found in the registry: it goes on to vLLM's layer
+        assert "a" in replica.models.lora_requests
+        release.set()
+        await scan
+        assert set(replica.models.lora_requests) == {"a", "b"}
+
+    asyncio.run(scenario())
+
+
 # --- adapters in an object store (a real S3 API: moto on loopback) ------------------------------
 
 @pytest.fixture

@@ -175,6 +175,9 @@ class KoreLLM:
         except Exception:
             adapter_metrics().loads.labels(outcome="refused").inc()
             raise
+        # Published to vLLM's layer before the registry lists it: a request that finds it in
+        # the registry while the scan is still loading other adapters must not get vLLM's 404.
+        self.models.lora_requests[adapter.name] = self._lora_request(adapter)
         adapter_metrics().loads.labels(outcome="loaded").inc()
 
     @staticmethod
@@ -261,7 +264,10 @@ def serving(cfg: PipelineConfig) -> Iterator[str]:
     Shuts Serve down afterwards if it started it here, else removes only this app.
     """
     was_running = ray.is_initialized() and bool(serve.status().proxies)
+    start = time.perf_counter()
+    print(f"kore serve: starting vLLM with {cfg.model.name_or_path} for this stage...", flush=True)
     url = run_serve(cfg, blocking=False)
+    print(f"kore serve: ready in {time.perf_counter() - start:.0f} s", flush=True)
     try:
         yield url
     finally:
