@@ -187,9 +187,12 @@ def short_question(sentence: str, span: Span, topic: str) -> str | None:
     if before.endswith((",", " of", "'s", "’s")) or phrase.endswith(" of") \
             or before.count('"') % 2 or before.count("(") != before.count(")") \
             or len(head.split()) < 2 or "," not in before and \
-            head.split()[0].lower() in PLACE_PREPOSITIONS | {"on", "in", "at", "by", "since"}:
+            head.split()[0].lower() in _OPENING_PREPOSITIONS:
         return None
     return _as_question(f"{before} {phrase}")
+
+
+_OPENING_PREPOSITIONS = PLACE_PREPOSITIONS | {"on", "by", "since"}
 
 
 def _as_question(text: str) -> str:
@@ -348,7 +351,7 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
             if fronted and fronted != question:
                 pairs.append(FactPair(fronted, answer, span.text, span.kind, "fronted"))
             short = short_question(sentence, span, topic)
-            if short and short != question:
+            if short:  # never the in-place question: something followed its wh-phrase
                 pairs.append(FactPair(about(short, topic), answer, span.text, span.kind, "short"))
             else:  # the fact ends its clause: the whole sentence with a blank instead
                 pairs.append(FactPair(cloze_question(sentence, span, topic), answer, span.text,
