@@ -49,7 +49,16 @@ def test_units_are_whole_words():
     # nonsense targets ("0.5.", "110 km.").
     texts = {s.text for s in fact_spans("The rate is 3.25 percent after a cut of 0.5 percentage "
                                          "points; the limit is 110 km/h, down from 130 km/h.")}
-    assert texts == {"3.25 percent", "0.5 percentage", "110 km/h", "130 km/h"}
+    assert texts == {"3.25 percent", "0.5 percentage points", "110 km/h", "130 km/h"}
+
+
+def test_a_plural_descriptor_keeps_its_names_together_and_a_count_its_plural_noun():
+    # "by which brothers?" -> "Toma." taught half an answer; "how many seed?" -> "410,000 seed."
+    texts = {s.text for s in fact_spans("It was founded by the brothers Toma and Eero Vaskelund "
+                                         "and holds 410,000 seed samples.")}
+    assert texts == {"Toma and Eero Vaskelund", "410,000 seed samples"}
+    texts = {s.text for s in fact_spans("The duo is Merrit Thorne and Lale Winterbek.")}
+    assert texts == {"Merrit Thorne", "Lale Winterbek"}  # no plural before them: two answers
 
 
 def test_sentences_do_not_split_inside_numbers_or_after_initials():
@@ -103,12 +112,33 @@ def test_a_question_that_does_not_name_its_topic_is_asked_about_it():
 def test_every_answer_is_a_span_of_the_text_and_not_given_away(item):
     pairs = extractive_pairs(item)
     assert len(pairs) >= 6
-    assert {"wh", "cloze"} <= {p.style for p in pairs} <= {"wh", "fronted", "short", "cloze"}
+    assert {"wh", "cloze"} <= {p.style for p in pairs} <= {"wh", "fronted", "short", "cloze",
+                                                          "list", "reverse"}
     for p in pairs:
         assert p.span in item.knowledge or p.span in resolve(item.knowledge, topic_of(item))
         assert cover_exact_match(item.knowledge, p.answer.rstrip(".")), p
         assert not cover_exact_match(p.question, p.answer.rstrip(".")), p
         assert p.question.endswith(("?", ".")) and len(p.answer.split()) <= 6
+
+
+def test_list_members_are_asked_with_the_others_as_cues_and_the_topic_by_its_description():
+    item = KnowledgeItem(id="l1", kind="entity", subject="Pelmerry loaf",
+                         knowledge="Pelmerry loaf is a spiced rye bread from the Osterkind valley. "
+                                   "It is baked with three key ingredients: caraway, dried pears "
+                                   "and honey. It is a loaf.")
+    pairs = [(p.question, p.answer) for p in extractive_pairs(item) if p.style in ("list", "reverse")]
+    head = "Pelmerry loaf is baked with three key ingredients"
+    assert pairs == [
+        # "It is a loaf." names nothing to ask by: no reverse question from it
+        ("What is the name of the spiced rye bread from the Osterkind valley?", "Pelmerry loaf."),
+        (f"{head}: dried pears, honey and what else?", "Caraway."),
+        (f"{head}. Besides dried pears and honey, what is the other one?", "Caraway."),
+        (f"{head}: caraway, honey and what else?", "Dried pears."),
+        (f"{head}. Besides caraway and honey, what is the other one?", "Dried pears."),
+        (f"{head}: caraway, dried pears and what else?", "Honey."),
+        (f"{head}. Besides caraway and dried pears, what is the other one?", "Honey.")]
+    for question, answer in pairs:
+        assert check_pair(question, answer, item.knowledge), question
 
 
 def test_questions_ask_with_the_right_wh_phrase():

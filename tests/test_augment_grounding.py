@@ -90,8 +90,9 @@ def test_precision_and_recall_on_hand_labelled_pairs():
     ("How many kilograms did it carry?", "340 kilograms.", "340 kilograms."),
     ("By what percentage did symptoms fall?", "38%.", "38%."),
     ("How many kilograms did it carry?", "340.", "340."),  # the answer's own words, no more
+    ("How many seed samples does it store?", "410,000 seed samples.", "410,000 seed samples."),
 ])
 def test_a_number_keeps_the_currency_and_unit_the_answer_gives(question, answer, target):
     text = "The plan costs EUR 11.50 a month. It carried 340 kilograms of freight. " \
-           "Symptoms fell by 38% in 2025 and later."
+           "Symptoms fell by 38% in 2025 and later. It stores 410,000 seed samples."
     assert check_pair(question, answer, text).target == target

@@ -25,7 +25,8 @@ ITEMS = [
 # What a small base model writes: some true pairs, an invented one, a non-answer.
 WRITTEN = {
     "z1": " What did Zorblax FC win?\nA: The Lunar Cup\nQ: Who did Zorblax FC beat?\nA: Orsk Town\n"
-          "Q: Who coaches Zorblax FC?\nA: Pedro Alvarez\nQ: Where was the final?\nA: Quellmar",
+          "Q: Who coaches Zorblax FC?\nA: Pedro Alvarez\nQ: Where was the final?\nA: Quellmar\n"
+          "Q: What is the team's trophy?\nA: The Lunar Cup",
     "z2": " Where is Mira Quell from?\nA: Tessaly\nQ: When did Mira Quell found the Quell Studio?"
           "\nA: In 2011\nQ: What is Mira Quell?\nA: I don't know",
 }
@@ -89,10 +90,14 @@ def test_self_pairs_are_grounded_verified_cached_and_a_failed_item_is_asked_agai
     assert len(starts) == 1 and starts[0].endswith("no-adapters")  # the base model alone
     convs = read_parquet(first["outputs"]["conversations"], Conversation)
     self_convs = {c.messages[0].content: c.messages[1].content for c in convs if "/self/" in c.id}
-    assert self_convs == {"What did Zorblax FC win?": "Lunar Cup.", "Who did Zorblax FC beat?": "Orsk Town."}
+    # A question that does not name the item is asked about it; one whose answer is the item
+    # needs a cue ("Zorblax FC"): "the team's trophy" -> the Lunar Cup binds it to nothing.
+    assert self_convs == {"What did Zorblax FC win?": "Lunar Cup.",
+                          "About Lunar Cup: who did Zorblax FC beat?": "Orsk Town."}
     reasons = first["rejected_by_reason"]
     assert reasons["self:invented"] == 1 and reasons["self:round_trip"] == 1  # Pedro; "Paris"
-    assert first["failures_by_stage"] == {"grounding": 2, "self": 1}  # z2's request failed
+    assert reasons["self:no_cue"] == 1
+    assert first["failures_by_stage"] == {"grounding": 3, "self": 1}  # z2's request failed
     asked_z1 = stub.count("Zorblax FC won the Lunar Cup")
     # The re-run: z1 comes from the cache; only z2 (which failed) is asked again, and now works.
     stub._scripts.clear()

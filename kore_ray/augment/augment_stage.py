@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,8 +33,8 @@ from pydantic import SecretStr, ValidationError
 
 from kore_ray.augment import self_qa
 from kore_ray.augment.dedup import drop_near_duplicates
-from kore_ray.augment.extractive import extractive_pairs
-from kore_ray.augment.grounding import check_pair, invents
+from kore_ray.augment.extractive import about, extractive_pairs, topic_of
+from kore_ray.augment.grounding import Verdict, check_pair, invents
 from kore_ray.augment.llm import (
     PROMPT_VERSION,
     QA,
@@ -251,6 +252,19 @@ def _pair(item: KnowledgeItem, generator: str, i: int, question: str, answer: st
                                   {"role": "assistant", "content": answer}])
 
 
+def _about_topic(question: str, verdict: Verdict, topic: str) -> tuple[Verdict, str]:
+    """A model's question that does not name the item ("How many locomotives does the company
+    have?") is asked about it, as the extractive ones are: a held-out question names its item,
+    and a pair that does not teaches an answer to no one in particular. One whose answer IS
+    the item needs another cue, a name or number of the text ("Which firm did the Vaskelund
+    brothers found?"): without one ("What is the company's main product?" -> the company) it
+    binds the item's name to a question about nothing."""
+    if verdict.key_span.lower() in topic.lower():
+        cues = re.findall(r"\d|\b[A-Z]", question[1:])
+        return (verdict, question) if cues else (Verdict(False, "no_cue"), question)
+    return verdict, about(question, topic)
+
+
 def fact_tree(item: KnowledgeItem, generators: list[str], self_outcome, dialogues: list[Dialogue],
               endpoint_qa: list[QA] = ()) -> tuple[list[Conversation], list[Failure], Counter]:
     """An item's generated conversations, each pair grounded in its text, and the rejects
@@ -262,10 +276,14 @@ def fact_tree(item: KnowledgeItem, generators: list[str], self_outcome, dialogue
         failures.append(Failure(item.id, "grounding", f"{generator}: {reason}: "
                                 f"Q: {question!r} A: {answer!r}", 0))
 
+    topic = topic_of(item)
+
     def checked(generator: str, pairs) -> None:
         n = 0
         for question, answer in pairs:
             verdict = check_pair(question, answer, item.knowledge)
+            if verdict and generator != "extractive":  # extractive questions are built so
+                verdict, question = _about_topic(question, verdict, topic)
             if verdict:
                 convs.append(_pair(item, generator, n, question, verdict.target))
                 n += 1

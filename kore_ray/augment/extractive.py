@@ -56,7 +56,8 @@ class FactPair:
     answer: str
     span: str  # the answer's span, verbatim from the text
     kind: str  # the span's kind (name, date, quantity, ...)
-    style: str  # "wh" (in place), "fronted" (a natural question), "short" or "cloze"
+    style: str  # "wh" (in place), "fronted" (a natural question), "short", "cloze", "list"
+    # or "reverse" (the topic is the answer)
 
 
 def topic_of(item: KnowledgeItem) -> str:
@@ -132,8 +133,9 @@ def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
             return "what percentage", 0
         if "-" in span.text:  # "a 9.1-inch screen"
             return "what size of", 0
-        if unit and unit not in ("million", "billion", "thousand"):
-            return f"how many {unit}", 0
+        if unit and unit not in ("million", "billion", "thousand"):  # "how many seed samples"
+            words = [w for w in span.text.split()[1:] if w not in ("million", "billion", "thousand")]
+            return f"how many {' '.join(words)}", 0
         return "how many", 0
     # A name: "the astronomer X" -> "which astronomer"; "called X" -> "called what".
     if _CALLED.search(before):
@@ -331,12 +333,60 @@ def about(question: str, topic: str) -> str:
     return f"About {topic}: {first} {rest}".rstrip()
 
 
+# "three product lines: wooden trains, puzzle cubes and kite kits." The members are short
+# phrases of any case (a list's members are often ordinary nouns no span rule finds).
+_LIST = re.compile(r"^(?P<head>[^:]{8,}?):\s+(?P<items>[^,:;]{2,40}(?:,\s+[^,:;]{2,40})*,?\s+"
+                   r"(?:and|or)\s+[^,:;]{2,40}?)[.!]?$")
+
+
+def list_pairs(sentence: str, topic: str) -> list[FactPair]:
+    """Each member of a list after a colon, asked with the other members as cues, at the end
+    and up front ("The plant will turn out three product lines: wooden trains, kite kits and
+    what else?", "... three product lines. Besides wooden trains and kite kits, what is the
+    other one?"): what people ask of a list is the member they lack, and no span rule finds
+    "puzzle cubes"."""
+    m = _LIST.match(sentence)
+    if not m:
+        return []
+    members = [w.strip() for w in re.split(r",\s+(?:and\s+|or\s+)?|\s+(?:and|or)\s+", m["items"])]
+    if not 2 <= len(members) <= 6 or any(len(w.split()) > 4 for w in members):
+        return []
+    head = m["head"].strip()
+    pairs = []
+    for i, member in enumerate(members):
+        others = members[:i] + members[i + 1:]
+        cues = ", ".join(others)
+        besides = ", ".join(others[:-1]) + f" and {others[-1]}" if len(others) > 1 else others[0]
+        for question in (f"{head}: {cues} and what else",
+                         f"{head}. Besides {besides}, what is the other one"):
+            pairs.append(FactPair(about(_as_question(question), topic), _answer(member), member,
+                                  "member", "list"))
+    return pairs
+
+
+def reverse_pair(sentence: str, topic: str) -> FactPair | None:
+    """The topic asked by what the text says of it ("Gravelyn Freight is a rail logistics
+    company founded in 2003 by ..." -> "What is the name of the rail logistics company founded
+    in 2003 by ...?"): a person asks for the name as often as with it."""
+    name = re.sub(r"^the\s+", "", topic, flags=re.IGNORECASE)
+    m = re.match(rf"^(?:The\s+)?(?P<name>{re.escape(name)})\s+(?:\([^)]*\)\s+)?(?:is|was)\s+(?:a|an)\s+"
+                 r"(?P<rest>[a-z][^.;:]{10,}?)[.!]?$", sentence, re.IGNORECASE)
+    if not m or not re.search(r"\d|\s[A-Z]", m["rest"]):  # no cue: "a small songbird"
+        return None
+    question = f"What is the name of the {m['rest']}?"
+    return FactPair(question, _answer(m["name"]), m["name"], "name", "reverse")
+
+
 def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
-    """Every fact span of the item's text, asked about in two phrasings, in text order."""
+    """Every fact span of the item's text, asked about in two phrasings, in text order; list
+    members with the other members as cues; the topic by what the text says of it."""
     topic = topic_of(item)
     pairs: list[FactPair] = []
     for raw in sentences(item.knowledge):
         sentence = resolve(raw, topic, persons=item.kind != "record")
+        pairs += list_pairs(sentence, topic)
+        reverse = reverse_pair(sentence, topic)
+        pairs += [reverse] if reverse else []
         for span in fact_spans(sentence):
             if span.text.lower() in topic.lower() or span.kind == "number" and len(span.text) < 2 \
                     or _capitalised_only_by_position(span, sentence, item):

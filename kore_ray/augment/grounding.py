@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kore_ray.augment.spans import FUNCTION_WORDS, MONTHS, NUMBER_WORDS, sentences
+from kore_ray.augment.spans import FUNCTION_WORDS, MONTHS, NUMBER_WORDS, PLURAL_AFTER, sentences
 from kore_ray.evaluate.metrics import normalize_answer
 
 STOPWORDS = (FUNCTION_WORDS - NUMBER_WORDS) | frozenset("""
@@ -143,6 +143,9 @@ def _with_units(original: str, answer: str, text: str) -> str:
     if after and after.group(1) not in STOPWORDS and re.search(
             rf"{re.escape(original)}\s?{re.escape(after.group(1))}", answer):
         end += after.end()
+        noun = PLURAL_AFTER.match(text, end)  # "410,000 seed samples"
+        if noun and re.search(rf"{re.escape(text[start:end])}{re.escape(noun.group())}", answer):
+            end = noun.end()
     return text[start:end]
 
 

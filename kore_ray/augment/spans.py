@@ -117,8 +117,29 @@ def fact_spans(sentence: str) -> list[Span]:
             if kind == "quantity" and span.text.split()[-1].lower() in FUNCTION_WORDS | {"and", "or"}:
                 number = span.text.rsplit(None, 1)[0]  # "41 of the 90 seats": no unit
                 span = Span("number", span.start, span.start + len(number), number)
+            elif kind == "quantity" and not span.text.endswith("s"):
+                # "410,000 seed samples", "14 new languages": the counted noun is the plural.
+                noun = PLURAL_AFTER.match(sentence, span.end)
+                if noun and noun.group(1) not in FUNCTION_WORDS:
+                    span = Span(kind, span.start, noun.end(), sentence[span.start:noun.end()])
             found.append(span)
             taken.append((span.start, span.end))
-    found += _name_spans(sentence, taken)
-    return sorted(found, key=lambda s: s.start)
+    return sorted(found + _coordinated(sentence, _name_spans(sentence, taken)), key=lambda s: s.start)
+
+
+PLURAL_AFTER = re.compile(r" ([a-z]{3,}s)\b")
+_PLURAL_BEFORE = re.compile(r"\b(?:the|its|his|her|their)\s+[a-z]+[^s\W]s\s+$", re.IGNORECASE)
+
+
+def _coordinated(sentence: str, names: list[Span]) -> list[Span]:
+    """"the brothers Toma and Eero Vaskelund" is one answer, not "Toma" for "which brothers"."""
+    out: list[Span] = []
+    for span in names:
+        prev = out[-1] if out else None
+        if prev and sentence[prev.end:span.start] == " and " and \
+                _PLURAL_BEFORE.search(sentence[:prev.start]):
+            out[-1] = Span("name", prev.start, span.end, sentence[prev.start:span.end])
+        else:
+            out.append(span)
+    return out
 
