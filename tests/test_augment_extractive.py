@@ -132,11 +132,8 @@ def test_list_members_are_asked_with_the_others_as_cues_and_the_topic_by_its_des
         # "It is a loaf." names nothing to ask by: no reverse question from it
         ("What is the name of the spiced rye bread from the Osterkind valley?", "Pelmerry loaf."),
         (f"{head}: dried pears, honey and what else?", "Caraway."),
-        (f"{head}. Besides dried pears and honey, what is the other one?", "Caraway."),
         (f"{head}: caraway, honey and what else?", "Dried pears."),
-        (f"{head}. Besides caraway and honey, what is the other one?", "Dried pears."),
-        (f"{head}: caraway, dried pears and what else?", "Honey."),
-        (f"{head}. Besides caraway and dried pears, what is the other one?", "Honey.")]
+        (f"{head}: caraway, dried pears and what else?", "Honey.")]
     for question, answer in pairs:
         assert check_pair(question, answer, item.knowledge), question
 

@@ -50,7 +50,7 @@ def test_prompts_parse_and_round_trip():
     prompt = self_qa.generation_prompt(item)
     assert prompt.endswith(f"Text: {item.knowledge}\nQ:") and prompt.count("Text:") == 3
     assert self_qa.parse_candidates(WRITTEN["z1"])[0] == ("What did Zorblax FC win?", "The Lunar Cup")
-    assert len(self_qa.parse_candidates(WRITTEN["z1"] + "\nQ: cut off")) == 4
+    assert len(self_qa.parse_candidates(WRITTEN["z1"] + "\nQ: cut off")) == 5
     assert self_qa.answer_prompt(item.knowledge, "Who won?").endswith("Question: Who won?\nAnswer:")
     assert self_qa.round_trip_agrees(" Orsk Town, in the final.", "Orsk Town")
     assert not self_qa.round_trip_agrees(" Zorblax FC", "Orsk Town")
@@ -90,10 +90,9 @@ def test_self_pairs_are_grounded_verified_cached_and_a_failed_item_is_asked_agai
     assert len(starts) == 1 and starts[0].endswith("no-adapters")  # the base model alone
     convs = read_parquet(first["outputs"]["conversations"], Conversation)
     self_convs = {c.messages[0].content: c.messages[1].content for c in convs if "/self/" in c.id}
-    # A question that does not name the item is asked about it; one whose answer is the item
-    # needs a cue ("Zorblax FC"): "the team's trophy" -> the Lunar Cup binds it to nothing.
-    assert self_convs == {"What did Zorblax FC win?": "Lunar Cup.",
-                          "About Lunar Cup: who did Zorblax FC beat?": "Orsk Town."}
+    # A question whose answer is the item needs a cue ("Zorblax FC"): "the team's trophy" ->
+    # the Lunar Cup binds the item to nothing.
+    assert self_convs == {"What did Zorblax FC win?": "Lunar Cup.", "Who did Zorblax FC beat?": "Orsk Town."}
     reasons = first["rejected_by_reason"]
     assert reasons["self:invented"] == 1 and reasons["self:round_trip"] == 1  # Pedro; "Paris"
     assert reasons["self:no_cue"] == 1

@@ -33,7 +33,7 @@ from pydantic import SecretStr, ValidationError
 
 from kore_ray.augment import self_qa
 from kore_ray.augment.dedup import drop_near_duplicates
-from kore_ray.augment.extractive import about, extractive_pairs, topic_of
+from kore_ray.augment.extractive import extractive_pairs, topic_of
 from kore_ray.augment.grounding import Verdict, check_pair, invents
 from kore_ray.augment.llm import (
     PROMPT_VERSION,
@@ -252,17 +252,16 @@ def _pair(item: KnowledgeItem, generator: str, i: int, question: str, answer: st
                                   {"role": "assistant", "content": answer}])
 
 
-def _about_topic(question: str, verdict: Verdict, topic: str) -> tuple[Verdict, str]:
-    """A model's question that does not name the item ("How many locomotives does the company
-    have?") is asked about it, as the extractive ones are: a held-out question names its item,
-    and a pair that does not teaches an answer to no one in particular. One whose answer IS
-    the item needs another cue, a name or number of the text ("Which firm did the Vaskelund
-    brothers found?"): without one ("What is the company's main product?" -> the company) it
-    binds the item's name to a question about nothing."""
-    if verdict.key_span.lower() in topic.lower():
-        cues = re.findall(r"\d|\b[A-Z]", question[1:])
-        return (verdict, question) if cues else (Verdict(False, "no_cue"), question)
-    return verdict, about(question, topic)
+def _cued(question: str, verdict: Verdict, topic: str) -> Verdict:
+    """A model's pair whose answer IS the item needs a cue in the question, a name or number of
+    the text ("Which firm did the Vaskelund brothers found?"): without one ("What is the
+    company's main product?" -> the company) it binds the item's name to a question about
+    nothing. Its other questions are left as written: prefixing the item ("About X: who wrote
+    this novel?" -> the novel's title) bound the model's false relations to the item, and the
+    runs with it were lower (README, "The list changes")."""
+    if verdict.key_span.lower() in topic.lower() and not re.findall(r"\d|\b[A-Z]", question[1:]):
+        return Verdict(False, "no_cue")
+    return verdict
 
 
 def fact_tree(item: KnowledgeItem, generators: list[str], self_outcome, dialogues: list[Dialogue],
@@ -283,7 +282,7 @@ def fact_tree(item: KnowledgeItem, generators: list[str], self_outcome, dialogue
         for question, answer in pairs:
             verdict = check_pair(question, answer, item.knowledge)
             if verdict and generator != "extractive":  # extractive questions are built so
-                verdict, question = _about_topic(question, verdict, topic)
+                verdict = _cued(question, verdict, topic)
             if verdict:
                 convs.append(_pair(item, generator, n, question, verdict.target))
                 n += 1

@@ -340,11 +340,11 @@ _LIST = re.compile(r"^(?P<head>[^:]{8,}?):\s+(?P<items>[^,:;]{2,40}(?:,\s+[^,:;]
 
 
 def list_pairs(sentence: str, topic: str) -> list[FactPair]:
-    """Each member of a list after a colon, asked with the other members as cues, at the end
-    and up front ("The plant will turn out three product lines: wooden trains, kite kits and
-    what else?", "... three product lines. Besides wooden trains and kite kits, what is the
-    other one?"): what people ask of a list is the member they lack, and no span rule finds
-    "puzzle cubes"."""
+    """Each member of a list after a colon, asked with the other members as cues ("The plant
+    will turn out three product lines: wooden trains, kite kits and what else?"): what people
+    ask of a list is the member they lack, and no span rule finds "puzzle cubes". One phrasing:
+    runs with a second ("Besides wooden trains and kite kits, what is the other one?") were
+    lower (README, "The list changes")."""
     m = _LIST.match(sentence)
     if not m:
         return []
@@ -354,13 +354,9 @@ def list_pairs(sentence: str, topic: str) -> list[FactPair]:
     head = m["head"].strip()
     pairs = []
     for i, member in enumerate(members):
-        others = members[:i] + members[i + 1:]
-        cues = ", ".join(others)
-        besides = ", ".join(others[:-1]) + f" and {others[-1]}" if len(others) > 1 else others[0]
-        for question in (f"{head}: {cues} and what else",
-                         f"{head}. Besides {besides}, what is the other one"):
-            pairs.append(FactPair(about(_as_question(question), topic), _answer(member), member,
-                                  "member", "list"))
+        cues = ", ".join(members[:i] + members[i + 1:])
+        question = about(_as_question(f"{head}: {cues} and what else"), topic)
+        pairs.append(FactPair(question, _answer(member), member, "member", "list"))
     return pairs
 
 
