@@ -259,7 +259,7 @@ def _cued(question: str, verdict: Verdict, topic: str) -> Verdict:
     nothing. Its other questions are left as written: prefixing the item ("About X: who wrote
     this novel?" -> the novel's title) bound the model's false relations to the item, and the
     runs with it were lower (README, "The list changes")."""
-    if verdict.key_span.lower() in topic.lower() and not re.findall(r"\d|\b[A-Z]", question[1:]):
+    if verdict.key_span.lower() in topic.lower() and not re.search(r"\d|\b[A-Z]", question[1:]):
         return Verdict(False, "no_cue")
     return verdict
 

@@ -109,6 +109,9 @@ def clause_of(sentence: str, span: Span) -> tuple[str, int]:
     return sentence[start:].rstrip(" .!?"), start
 
 
+_SCALES = frozenset({"million", "billion", "thousand"})
+
+
 def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
     """The wh-phrase that replaces `span`, and how many characters of `before` it swallows."""
     prep = re.search(r"\b(on|in|at|by|since|until|from|of|to)\s+$", before, re.IGNORECASE)
@@ -133,9 +136,8 @@ def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
             return "what percentage", 0
         if "-" in span.text:  # "a 9.1-inch screen"
             return "what size of", 0
-        if unit and unit not in ("million", "billion", "thousand"):  # "how many seed samples"
-            words = [w for w in span.text.split()[1:] if w not in ("million", "billion", "thousand")]
-            return f"how many {' '.join(words)}", 0
+        if unit and unit not in _SCALES:  # every unit word: "how many seed samples"
+            return f"how many {' '.join(w for w in span.text.split()[1:] if w not in _SCALES)}", 0
         return "how many", 0
     # A name: "the astronomer X" -> "which astronomer"; "called X" -> "called what".
     if _CALLED.search(before):
