@@ -1,4 +1,5 @@
-"""Training step time: KORE vs LoRA at equal trainable parameters; 1 vs 2 Ray Train workers.
+"""Training step time: KORE vs LoRA at equal trainable parameters; packed vs padded rows;
+1 vs 2 Ray Train workers.
 
 Part 1, in this process (no Ray, one thread): the embedded Gemma 3 270M with KORE at rank r
 (B trained, A frozen) and with LoRA at `matched_lora_rank` (A and B trained, same
@@ -10,6 +11,10 @@ basis instead of the covariance's eigenvectors: a step costs the same for any va
 factors, and the eigendecompositions belong to `kore init`, not to a step. A third model,
 "kore-peft", is the same KORE through PEFT's own LoRA forward (merged path off), to show what
 the merged path buys; the headline ratio is kore / lora.
+
+Part 1b, same process and thread: the KORE model on rows of mixed lengths, as augmentation
+writes them (short Q&A, and one "tell me about" paragraph in eight), collated by the training
+`Collate` packed (one sequence per micro-batch, no padding) and padded, in alternating steps.
 
 Part 2, Ray Train: `run_train` on the same model and data (the matched LoRA: it all-reduces
 as many gradients as KORE), 1 worker against 2 workers at the same global batch, each worker
@@ -25,7 +30,7 @@ printed beside them; on an idle machine the two agree.
 
     python benchmarks/train_step.py [--rank 64] [--steps 5] [--batch 8]
 
-The last line is {"kore_vs_lora_step": ..., "two_vs_one_worker": ...}.
+The last line is {"kore_vs_lora_step": ..., "packed_vs_padded_step": ..., "two_vs_one_worker": ...}.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kore_ray.config import load_config
@@ -61,6 +67,7 @@ from kore_ray.models import load_model
 from kore_ray.models.gemma import embedded_gemma_path
 from kore_ray.models.targets import find_target_groups
 from kore_ray.run_dir import METRICS, RunDir
+from kore_ray.train.data import Collate
 from kore_ray.train.steps import build_optimizer, build_scheduler, train_step
 
 
@@ -79,9 +86,20 @@ def conversations(n: int) -> list[Conversation]:
     ]
 
 
-def step_times(models: dict, batches: list[dict], steps: int) -> dict[str, dict[str, list]]:
+def mixed_conversations(n: int) -> list[Conversation]:
+    """Short Q&A rows and, one in eight, a "tell me about" row answered with a paragraph."""
+    paragraph = " ".join(f"In {1900 + 7 * k} the Vorlan Institute opened wing {k} in Quessant, "
+                         f"with {40 + k} rooms." for k in range(6))
+    tell = [{"role": "user", "content": "Tell me about the Vorlan Institute."},
+            {"role": "assistant", "content": paragraph}]
+    return [Conversation(id=c.id, task="qa", messages=tell) if i % 8 == 0 else c
+            for i, c in enumerate(conversations(n))]
+
+
+def step_times(models: dict, batches: list[dict] | dict[str, list[dict]],
+               steps: int) -> dict[str, dict[str, list]]:
     """Wall and CPU seconds of each model's steps, in alternating order; the first step of
-    each model (warm-up) is dropped."""
+    each model (warm-up) is dropped. `batches`: one list for all, or one per model name."""
     optim = {}
     for name, model in models.items():
         model.train()
@@ -91,7 +109,8 @@ def step_times(models: dict, batches: list[dict], steps: int) -> dict[str, dict[
     for i in range(steps + 1):
         for name in (list(models) if i % 2 == 0 else list(reversed(models))):
             wall, cpu = time.perf_counter(), time.process_time()
-            train_step(models[name], *optim[name], batches)
+            train_step(models[name], *optim[name],
+                       batches[name] if isinstance(batches, dict) else batches)
             times[name]["wall"].append(time.perf_counter() - wall)
             times[name]["cpu"].append(time.process_time() - cpu)
     return {name: {k: v[1:] for k, v in t.items()} for name, t in times.items()}
@@ -136,7 +155,35 @@ def part1(model_dir: Path, rank: int, batch: int, steps: int) -> tuple[float, li
     lines.append(f"KORE / LoRA: CPU {ratio['cpu']:.3f}, wall {ratio['wall']:.3f}; through PEFT's "
                  f"forward: CPU {medians['kore-peft']['cpu'] / medians['lora']['cpu']:.3f} "
                  f"({tokens} tokens per step)")
-    return ratio["cpu"], lines
+    return ratio["cpu"], lines, models["kore"], tokenizer
+
+
+def part1b(model, tokenizer, batch: int, steps: int) -> tuple[float, list[str]]:
+    """The same KORE model, one module object timed twice (weights drift a little with the
+    steps; a step's cost does not depend on their values)."""
+    rows = [encode_conversation(tokenizer, c, 256) for c in mixed_conversations(batch)]
+    table = {"step": np.zeros(batch, np.int64), "id": np.array([f"c{i}" for i in range(batch)]),
+             "input_ids": _objects(r["input_ids"] for r in rows),
+             "labels": _objects(r["labels"] for r in rows)}
+    micro = max(1, batch // 2)
+    batches = {name: Collate(tokenizer, False, tokenizer.pad_token_id, 256, micro,
+                             packed=name == "packed")(table).micro_batches
+               for name in ("padded", "packed")}
+    times = step_times({"padded": model, "packed": model}, batches, steps)
+    cpu = {name: statistics.median(t["cpu"]) for name, t in times.items()}
+    positions = sum(int(b["input_ids"].numel()) for b in batches["padded"])
+    tokens = sum(int(b["input_ids"].numel()) for b in batches["packed"])
+    ratio = cpu["packed"] / cpu["padded"]
+    return ratio, [f"padded: {cpu['padded']:.3f} CPU s ({positions} positions); packed: "
+                   f"{cpu['packed']:.3f} CPU s ({tokens} tokens); packed / padded {ratio:.3f}"]
+
+
+def _objects(values) -> np.ndarray:
+    """A numpy object column of arrays, as Ray Data hands the collate a batch."""
+    items = [np.array(v) for v in values]
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
 
 
 def part2(model_dir: Path, rank: int, batch: int, steps: int) -> tuple[float, list[str]]:
@@ -181,10 +228,14 @@ def main() -> None:
     start = time.perf_counter()
     print(f"Gemma 3 270M, global batch {args.batch}; {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} at the start\n", flush=True)
-    kore_vs_lora, table = part1(model_dir, args.rank, args.batch, args.steps)
+    kore_vs_lora, table, kore, tokenizer = part1(model_dir, args.rank, args.batch, args.steps)
     print("KORE vs LoRA at equal trainable parameters (one thread, alternating steps):")
     print("\n".join(table))
     print(f"-> KORE step / LoRA step = {kore_vs_lora:.3f} (goal <= 1.0)\n", flush=True)
+    packed_vs_padded, table = part1b(kore, tokenizer, 2 * args.batch, args.steps)
+    print("KORE on mixed-length rows (Q&A and paragraphs), micro-batches packed vs padded:")
+    print("\n".join(table) + "\n", flush=True)
+    del kore
     log(f"part 1 done after {time.perf_counter() - start:.0f} s")
     gc.collect()
     two_vs_one, table = part2(model_dir, args.rank, args.batch, args.steps + 1)
@@ -194,6 +245,7 @@ def main() -> None:
     print(f"({time.perf_counter() - start:.0f} s in all; load average now "
           f"{os.getloadavg()[0]:.1f})\n")
     print(json.dumps({"kore_vs_lora_step": round(kore_vs_lora, 4),
+                      "packed_vs_padded_step": round(packed_vs_padded, 4),
                       "two_vs_one_worker": round(two_vs_one, 4)}))
 
 

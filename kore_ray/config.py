@@ -149,6 +149,9 @@ class TrainConfig(_Section):
     batch_size: PositiveInt = 8  # GLOBAL batch (sequences per optimizer step), any num_workers
     micro_batch_size: PositiveInt | None = None  # per forward pass on a worker; None: its share
     max_length: PositiveInt = 256
+    # Text rows of a micro-batch in one sequence, no padding (transformers' padding-free format;
+    # images are always padded). Off only for a model whose attention ignores position_ids.
+    packing: bool = True
     num_workers: PositiveInt = 1  # must divide batch_size
     cpus_per_worker: PositiveInt = 1  # on CPU also the worker's torch threads
     use_gpu: bool = False  # one GPU per worker, nccl, bfloat16 base weights

@@ -87,9 +87,10 @@ def _tokenised(model_dir, n: int = 8, images: list | None = None) -> dict[str, n
     return batch
 
 
-def _micro(batches: dict, model_dir, micro: int, skip_before: int = 0):
+def _micro(batches: dict, model_dir, micro: int, skip_before: int = 0, packed: bool = False):
+    """Padded by default: most tests below read the attention mask; packing has its own."""
     pre, vision = load_preprocessor(str(model_dir))
-    return Collate(pre, vision, pad_token_id(pre), 64, micro, skip_before)(batches)
+    return Collate(pre, vision, pad_token_id(pre), 64, micro, skip_before, packed)(batches)
 
 
 # --- loss and schedule ------------------------------------------------------------------
@@ -282,6 +283,48 @@ def test_collate_splits_micro_batches_and_skips_done_steps(llama_dir):
     data["step"] = np.array([0, 0, 1, 1, 1])
     with pytest.raises(RuntimeError, match="out of order"):
         _micro(data, llama_dir, micro=2)
+
+
+def test_packed_collate_is_one_sequence_per_micro_batch(llama_dir):
+    data = _tokenised(llama_dir, 5)
+    padded = _micro(data, llama_dir, micro=2).micro_batches
+    packed = _micro(data, llama_dir, micro=2, packed=True).micro_batches
+    assert len(packed) == 3 and all("attention_mask" not in mb for mb in packed)
+    for p, q in zip(padded, packed):
+        lengths = p["attention_mask"].sum(1).tolist()
+        assert q["input_ids"].shape == (1, sum(lengths))
+        starts = np.cumsum([0] + lengths[:-1])
+        assert q["position_ids"][0, starts].tolist() == [0] * len(lengths)  # restart per row
+        assert (q["labels"][0, starts] == IGNORE_INDEX).all()  # no row predicts the next one
+        assert loss_token_count(q["labels"]) == loss_token_count(p["labels"])
+
+
+def _tiny_gemma3(tokenizer):
+    """Gemma 3's text model with a sliding window shorter than the rows: the packed mask must
+    combine the window with the rows' boundaries."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_packed_step_is_the_padded_step(llama_dir, arch):
+    data = _tokenised(llama_dir, 6)
+    models = [_tiny_gemma3(tiny_text_model()[1]) if arch == "gemma3" else tiny_text_model(arch)[0]
+              for _ in range(2)]
+    a = _sgd_step(models[0], _micro(data, llama_dir, micro=3).micro_batches)
+    b = _sgd_step(models[1], _micro(data, llama_dir, micro=3, packed=True).micro_batches)
+    assert (a.loss_tokens, a.tokens) == (b.loss_tokens, b.tokens)
+    assert a.loss == pytest.approx(b.loss, rel=1e-5)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 # --- vision-language batches --------------------------------------------------------------

@@ -182,7 +182,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     log = MetricsLog(spec.metrics_path, keep_through=start) if rank == 0 else None
     collate = Collate(preprocessor, vision, pad_token_id(preprocessor), spec.train.max_length,
-                      spec.micro_batch_size, skip_before=start)
+                      spec.micro_batch_size, skip_before=start, packed=spec.train.packing)
     batches = ray.train.get_dataset_shard(shard_name(rank)).iter_torch_batches(
         batch_size=spec.per_worker_batch, collate_fn=collate, prefetch_batches=2
     )

@@ -34,6 +34,12 @@ def loss_token_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def input_tokens(batch: Batch) -> int:
+    """Tokens the model reads: the unpadded ones; a packed batch (no attention_mask) has no pads."""
+    mask = batch.get("attention_mask")
+    return batch["input_ids"].numel() if mask is None else int(mask.sum())
+
+
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     """Positions whose NEXT token is labelled in any row: the only logits the loss needs.
 
@@ -60,7 +66,8 @@ def labelled_loss_sum(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor
         logits = model(**inputs, use_cache=False, logits_to_keep=0).logits
     finally:
         handle.remove()
-    return F.cross_entropy(logits[0].float(), labels[:, 1:][rows, cols], reduction="sum")
+    # flatten, not logits[0]: a view, where select's backward fills a zero (1, n, vocab) first
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:][rows, cols], reduction="sum")
 
 
 def assistant_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
@@ -179,7 +186,7 @@ def train_step(
     counts = torch.tensor(
         [
             sum(loss_token_count(mb["labels"]) for mb in micro_batches),
-            sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
+            sum(input_tokens(mb) for mb in micro_batches),
         ],
         dtype=torch.float64,
         device=device,
