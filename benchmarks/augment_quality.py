@@ -9,6 +9,7 @@ probes. Data: `data/heldout/` (30 paragraph-only items, 60 questions, written ap
 demo), retention from the demo's probes.
 
     python benchmarks/augment_quality.py [--config configs/demo.yaml] [--run-dir runs/augment_quality]
+        [--settings templates,extractive,self,extractive-self]
 
 About 35 minutes on 2 CPU cores (the templates setting's 60 steps of paragraphs are 9 of them); resumable (finished stages are skipped). Last line:
 {"f1_by_generator": {...}, "cem_by_generator": {...}, "retention_by_generator": {...},
@@ -39,7 +40,10 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--run-dir", default=str(ROOT / "runs" / "augment_quality"))
     ap.add_argument("--data", default=str(ROOT / "data" / "heldout"))
+    ap.add_argument("--settings", default=",".join(SETTINGS),
+                    help="comma-separated subset of: " + ", ".join(SETTINGS))
     args = ap.parse_args()
+    settings = {n: SETTINGS[n] for n in args.settings.split(",")}  # a KeyError names a typo
 
     import ray
 
@@ -60,7 +64,7 @@ def main() -> None:
     ray.init(ignore_reinit_error=True, log_to_driver=False)
     run_covariance(cfg)
     summaries = {}
-    for name, generators in SETTINGS.items():
+    for name, generators in settings.items():
         print(f"\naugment_quality: {name}", flush=True)
         sub = root / "settings" / name
         _link(RunDir(root).covariance, RunDir(sub).covariance)
@@ -74,25 +78,26 @@ def main() -> None:
         if not (served / "adapter_config.json").is_file():
             shutil.copytree(RunDir(sub).adapter("kore"), served, dirs_exist_ok=True)
     base = cfg.serve.served_model_name or cfg.model.name_or_path
-    predictions = ask_all(cfg, root, [base, *SETTINGS])
-    scores = score_all(predictions, base, {n: n for n in SETTINGS},
+    predictions = ask_all(cfg, root, [base, *settings])
+    scores = score_all(predictions, base, {n: n for n in settings},
                        read_records(cfg.data.eval_questions, EvalQuestion),
                        read_records(cfg.data.retention_eval, RetentionProbe),
                        read_records(cfg.data.knowledge, KnowledgeItem))
     print("\n| generators | conversations | adaptation CEM | adaptation F1 | retention |")
     print("| --- | --- | --- | --- | --- |")
-    for name in ("base", *SETTINGS):
+    for name in ("base", *settings):
         s = scores["base"] if name == "base" else scores["methods"][name]
         convs = summaries[name]["conversations"] if name in summaries else "-"
         print(f"| {name} | {convs} | {s['adaptation_cem']:.3f} | {s['adaptation_f1']:.3f} "
               f"| {s['retention']:.3f} |")
-    own = summaries["self"]["self"]
+    own = next((summaries[n]["self"] for n in ("self", "extractive-self") if n in summaries),
+               {"kept": 0, "candidates_parsed": 0})
     print(f"self: {own['kept']} of {own['candidates_parsed']} parsed candidates kept; "
-          f"rejected by reason: {summaries['self']['rejected_by_reason']}")
+          f"rejected by reason: {[summaries[n]['rejected_by_reason'] for n in summaries]}")
     print(json.dumps({
-        "f1_by_generator": {n: round(scores["methods"][n]["adaptation_f1"], 4) for n in SETTINGS},
-        "cem_by_generator": {n: round(scores["methods"][n]["adaptation_cem"], 4) for n in SETTINGS},
-        "retention_by_generator": {n: round(scores["methods"][n]["retention"], 4) for n in SETTINGS},
+        "f1_by_generator": {n: round(scores["methods"][n]["adaptation_f1"], 4) for n in settings},
+        "cem_by_generator": {n: round(scores["methods"][n]["adaptation_cem"], 4) for n in settings},
+        "retention_by_generator": {n: round(scores["methods"][n]["retention"], 4) for n in settings},
         "self_kept_fraction": round(own["kept"] / max(1, own["candidates_parsed"]), 4),
     }))
 
