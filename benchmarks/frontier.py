@@ -132,8 +132,9 @@ def ask_all(cfg, root: Path, names: list[str]) -> dict:
         configs = [read_record(root / "adapters" / n / "adapter_config.json") or {} for n in names]
         need = max(max([c.get("r", 0), *(c.get("rank_pattern") or {}).values()]) for c in configs)
         rank = next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= need)
+        # vLLM refuses to keep fewer adapters loaded (max_cpu_loras) than one batch holds.
         scfg = _cfg(cfg, **{"serve.adapters": str(root / "adapters"), "serve.max_lora_rank": rank,
-                            "serve.max_cpu_loras": len(names), "serve.max_loras": 4})
+                            "serve.max_cpu_loras": max(len(names), 4), "serve.max_loras": 4})
         with serving(scfg) as url:
             answers = ask(build_requests(todo, questions, probes), url,
                           max_tokens=cfg.evaluate.max_new_tokens)

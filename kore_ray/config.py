@@ -201,6 +201,10 @@ class ServeConfig(_Section):
     def _replicas(self):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            # vLLM refuses this too, but only inside the replica, after the model has loaded
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) < max_loras ({self.max_loras}): "
+                             "the adapters kept loaded must hold one batch's")
         return self
 
 

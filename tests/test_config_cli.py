@@ -38,6 +38,7 @@ def test_overrides_are_typed():
         ("init:\n  method: magic\n", "init.method"),
         ("train:\n  learning_rate: -1\n", "train.learning_rate"),
         ("augment:\n  min_actors: 5\n  max_actors: 2\n", "min_actors"),
+        ("serve:\n  max_loras: 4\n  max_cpu_loras: 3\n", "max_cpu_loras"),
         ("- a\n- b\n", "mapping"),
         ("train: [unclosed\n", "not valid YAML"),
         ("run_dir: s3://bucket/runs\n", "object-store run directories are not supported"),
