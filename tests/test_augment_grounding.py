@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kore_ray.augment.grounding import check_pair, expected_kind, invents
+from kore_ray.augment.grounding import check_pair, expected_kind, has_cue, invents
 
 TEXT = ("Kessimar Robotics makes the Trellis arm, a welding robot for shipyards. The company was "
         "founded in 2019 in the city of Dunmarch by the engineer Alva Reyne, and it employs 340 "
@@ -64,6 +64,15 @@ def test_invents():
     assert invents("Founded in 2019 by Alva Reyes.", TEXT)
     assert invents("It employs 34 people.", TEXT)
     assert not invents("Who founded the company?", TEXT, skip_first=True)
+
+
+def test_has_cue():
+    """A name or number to ask by; the capital grammar puts first in a sentence is none."""
+    assert has_cue("Which firm did the Vaskelund brothers found?")
+    assert has_cue("What was founded in 2003?")
+    assert not has_cue("What is the company's main product?")
+    assert not has_cue("a small songbird. It nests in hedges")
+    assert not has_cue("Who was it? Where did they go?")
 
 
 def test_precision_and_recall_on_hand_labelled_pairs():

@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from pydantic import SecretStr, ValidationError
 from kore_ray.augment import self_qa
 from kore_ray.augment.dedup import drop_near_duplicates
 from kore_ray.augment.extractive import extractive_pairs, topic_of
-from kore_ray.augment.grounding import Verdict, check_pair, invents
+from kore_ray.augment.grounding import Verdict, check_pair, has_cue, invents
 from kore_ray.augment.llm import (
     PROMPT_VERSION,
     QA,
@@ -259,7 +258,7 @@ def _cued(question: str, verdict: Verdict, topic: str) -> Verdict:
     nothing. Its other questions are left as written: prefixing the item ("About X: who wrote
     this novel?" -> the novel's title) bound the model's false relations to the item, and the
     runs with it were lower (README, "The list changes")."""
-    if verdict.key_span.lower() in topic.lower() and not re.search(r"\d|\b[A-Z]", question[1:]):
+    if verdict.key_span.lower() in topic.lower() and not has_cue(question):
         return Verdict(False, "no_cue")
     return verdict
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from kore_ray.augment.grounding import has_cue
 from kore_ray.augment.spans import FUNCTION_WORDS, Span, fact_spans, sentences
 from kore_ray.data.schemas import KnowledgeItem
 
@@ -369,7 +370,7 @@ def reverse_pair(sentence: str, topic: str) -> FactPair | None:
     name = re.sub(r"^the\s+", "", topic, flags=re.IGNORECASE)
     m = re.match(rf"^(?:The\s+)?(?P<name>{re.escape(name)})\s+(?:\([^)]*\)\s+)?(?:is|was)\s+(?:a|an)\s+"
                  r"(?P<rest>[a-z][^.;:]{10,}?)[.!]?$", sentence, re.IGNORECASE)
-    if not m or not re.search(r"\d|\s[A-Z]", m["rest"]):  # no cue: "a small songbird"
+    if not m or not has_cue(m["rest"]):  # no cue: "a small songbird"
         return None
     question = f"What is the name of the {m['rest']}?"
     return FactPair(question, _answer(m["name"]), m["name"], "name", "reverse")

@@ -74,6 +74,13 @@ def _names(text: str, skip_first: bool) -> set[str]:
     return found
 
 
+def has_cue(text: str) -> bool:
+    """Whether `text` has a number or a name to ask by (a capitalised word that grammar did not
+    capitalise): "Which firm did the Vaskelund brothers found?" has, "What is the company's
+    main product?" and "a small songbird" have not."""
+    return bool(_NUMBER.search(text) or _names(text, skip_first=True))
+
+
 def _stem(token: str) -> str:
     """A crude stem: "designed"/"designer", "longest"/"long" meet on their first letters."""
     return token[:4]
