@@ -145,6 +145,12 @@ def test_questions_ask_with_the_right_wh_phrase():
     assert "how much" in by_answer["EUR 1.9 billion."]
     assert "which date" in by_answer["2 April 2026."]
     assert "which river" in by_answer["River Sallow."]
+    # A name's first word says what it is ("Mount Caspery"): never "who" for a mountain.
+    item = KnowledgeItem(id="m", kind="entity", subject="Orlenhof Observatory",
+                         knowledge="The Orlenhof Observatory stands on Mount Caspery.")
+    questions = [p.question for p in extractive_pairs(item)]
+    assert "The Orlenhof Observatory stands on which mountain?" in questions
+    assert not any("who" in q.lower() for q in questions)
     by_answer = {p.answer: p.question.lower() for p in extractive_pairs(ITEMS[1]) if p.style == "wh"}
     assert "which year" in by_answer["1971."]
 
@@ -173,7 +179,10 @@ def test_short_questions_give_the_relation_not_the_other_facts():
     assert _short("In the election of 8 March 2027, the Green Ledger party won 41 seats.",
                   "Green Ledger") is None
     assert _short("In the election of 8 March 2027, the party won 41 seats.", "8 March 2027") is None
-    assert _short('It houses a telescope nicknamed "Old Granny" since 1932.', "Old Granny") is None
+    assert _short('The motto "Onward from Kells" dates from 1932.', "Kells") is None
+    # A quoted name is asked with its quotes: 'nicknamed what', not 'nicknamed " what'.
+    assert _short('It houses a telescope nicknamed "Old Granny" since 1932.', "Old Granny") == \
+        "It houses a telescope nicknamed what?"
     assert _short("Kesia Abernolt (born 12 May 1999) is a runner.", "12 May 1999") is None
     # In the pairs, a short question takes the cloze's place where it exists.
     styles = {p.answer: p.style for p in extractive_pairs(KnowledgeItem(
@@ -199,6 +208,12 @@ def test_fronted_questions_put_the_wh_phrase_first_and_invert_the_verb():
     assert _fronted('"It is done," said the engineer Oddny Parcelin.', "Oddny Parcelin") is None
     assert _fronted("Construction took seven years and was carried out by the firm Brudwick "
                     "Works.", "Brudwick Works") is None
+    # Nor where moving the span would strand a word or leave its noun behind.
+    assert _fronted("Pethwick is a harbour town on the coast with about 12,400 inhabitants.",
+                    "12,400 inhabitants") is None  # "... with about?"
+    assert _fronted("Pethwick is a harbour town on the Wessaline coast.", "Wessaline") is None
+    assert _fronted("The prize was awarded to Ines Varrowdale of the University of Dremsfield "
+                    "for her proof.", "University of Dremsfield") is None  # "... of for her proof?"
 
 
 @pytest.mark.parametrize("past,base", [("opened", "open"), ("announced", "announce"),

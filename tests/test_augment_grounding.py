@@ -66,6 +66,16 @@ def test_invents():
     assert not invents("Who founded the company?", TEXT, skip_first=True)
 
 
+def test_a_name_is_answered_whole_though_the_question_names_its_kind():
+    text = "The observatory stands on Mount Caspery. Ada studied at the University of Ulvaranth."
+    assert check_pair("On which mountain does the observatory stand?", "Mount Caspery.",
+                      text).target == "Mount Caspery."
+    assert check_pair("Which university did Ada study at?", "University of Ulvaranth.",
+                      text).target == "University of Ulvaranth."
+    assert check_pair("Where did Ada study?", "At the University of Ulvaranth.",
+                      text).target == "University of Ulvaranth."
+
+
 def test_has_cue():
     """A name or number to ask by; the capital grammar puts first in a sentence is none."""
     assert has_cue("Which firm did the Vaskelund brothers found?")

@@ -31,6 +31,9 @@ street square cup trophy prize award medal championship tournament festival game
 series telescope satellite probe rover mission ship vessel train aircraft engine reactor
 protocol treaty accord act law programme program project prize index
 """.split())
+# A name's first word that says what kind of thing it is ("Mount Caspery" -> "which mountain").
+TITLE_HEADS = {"mount": "mountain", "mt": "mountain", "lake": "lake", "cape": "cape",
+               "isle": "island", "fort": "fort", "saint": "saint", "st": "saint"}
 PLACE_PREPOSITIONS = frozenset({"in", "at", "from", "near", "to", "across", "into", "off",
                                 "outside", "inside", "above", "below", "beneath", "over"})
 _PRONOUN_START = re.compile(r"^(?:It|He|She|They)\b(?!\s+(?:is|was)\s+(?:also|not)\b)")
@@ -46,7 +49,9 @@ _CLAUSE = re.compile(r",\s+(?:and|but|while|whereas)\s+|;\s+")
 # "the astronomer X", "its chief executive X": an article, then one or two lower-case nouns.
 _DESCRIPTOR = re.compile(r"\b(?:[Tt]he|[Aa]n?|[Ii]ts|[Hh]is|[Hh]er|[Tt]heir)\s+"
                          r"\b((?:[a-z][a-z-]+\s+)?[a-z][a-z-]+)\s+$")
-_CALLED = re.compile(r"\b(?:called|named|known as|dubbed)\s+$")
+_CALLED = re.compile(r"\b(?:called|named|nicknamed|known as|dubbed)\s+$")
+# Words a fronted question would leave stranded at its end ("... with about?", "found only?").
+_STRANDED = frozenset("of about around nearly almost roughly approximately some only just".split())
 
 
 @dataclass(frozen=True)
@@ -153,8 +158,9 @@ def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
     words = span.text.lower().split()
     # "Pellaway Stadium", "River Sallow", "University of Tarrow": the kind-word at either end.
     head = words[-1] if words[-1] in THING_HEADS or len(words) == 1 else words[0]
+    head = TITLE_HEADS.get(head, head)
     article = re.search(r"\bthe\s+$", before, re.IGNORECASE)
-    if head in THING_HEADS and len(words) > 1:
+    if (head in THING_HEADS or head in TITLE_HEADS.values()) and len(words) > 1:
         return f"which {head}", (len(before) - article.start()) if article else 0
     place = re.search(r"\b(\w+)\s+(?:the\s+)?$", before)
     if place and place.group(1).lower() in PLACE_PREPOSITIONS:
@@ -205,10 +211,18 @@ def _as_question(text: str) -> str:
     return text[0].upper() + text[1:] + "?"
 
 
+def _unquoted(clause: str, s: int, e: int) -> tuple[int, int]:
+    """The span's bounds with the quotes around it: 'nicknamed "Old Granny"' is asked
+    'nicknamed what', not 'nicknamed " what"'."""
+    if clause[s - 1:s] in ('"', "“") and clause[e:e + 1] in ('"', "”"):
+        return s - 1, e + 1
+    return s, e
+
+
 def _wh_parts(sentence: str, span: Span, topic: str) -> tuple[str, str, str] | None:
     """(what comes before the wh-phrase, the wh-phrase, what follows it) in `span`'s clause."""
     clause, offset = clause_of(sentence, span)
-    s, e = span.start - offset, span.end - offset
+    s, e = _unquoted(clause, span.start - offset, span.end - offset)
     if offset and _POSSESSIVE_START.match(clause[0].upper() + clause[1:]):  # ", and its mission"
         clause, shift = f"{topic}'s{clause[clause.index(' '):]}", len(topic) + 2 - clause.index(" ")
         s, e = s + shift, e + shift
@@ -256,7 +270,7 @@ def fronted_question(sentence: str, span: Span, topic: str) -> str | None:
     Ondrebay sworn in as premier?"), or None where the clause has no subject and verb to
     invert, or the span is the subject (then the in-place question is already this one)."""
     clause, offset = clause_of(sentence, span)
-    s, e = span.start - offset, span.end - offset
+    s, e = _unquoted(clause, span.start - offset, span.end - offset)
     adjunct = _DATED_ADJUNCT.match(clause)
     if adjunct and adjunct.end() <= s:
         tail = " " + clause[:adjunct.end()].rstrip(" ,")
@@ -292,6 +306,10 @@ def fronted_question(sentence: str, span: Span, topic: str) -> str | None:
             and phrase.startswith(("which", "what", "who")):
         # "opened a factory in which town" -> "In which town did ... open a factory?"
         phrase = f"{rest.pop()} {'whom' if phrase == 'who' else phrase}"
+    modified = re.match(r"\s+([a-z]+)\b", after)  # "the Wessaline coast": the span names a noun
+    if rest and rest[-1].lower() in _STRANDED or modified and \
+            modified.group(1) not in FUNCTION_WORDS and not modified.group(1).endswith("ly"):
+        return None  # moving the span would strand "about" or "only", or leave its noun behind
     question = " ".join([phrase, aux, *subject, *rest]) + after + tail
     question = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", question)).strip()
     return question[0].upper() + question[1:] + "?"

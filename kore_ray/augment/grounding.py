@@ -28,7 +28,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kore_ray.augment.spans import FUNCTION_WORDS, MONTHS, NUMBER_WORDS, PLURAL_AFTER, sentences
+from kore_ray.augment.spans import (
+    _NAME_JOINERS, FUNCTION_WORDS, MONTHS, NUMBER_WORDS, PLURAL_AFTER, sentences,
+)
 from kore_ray.evaluate.metrics import normalize_answer
 
 STOPWORDS = (FUNCTION_WORDS - NUMBER_WORDS) | frozenset("""
@@ -210,6 +212,16 @@ def check_pair(question: str, answer: str, text: str) -> Verdict:
         previous = w
     while key and key[-1] in STOPWORDS:
         key.pop()
+    # The name's own first words, though the question has them: "which mountain?" is answered
+    # "Mount Caspery", "which university?" "University of Ulvaranth", not "Caspery".
+    first = starts[0]
+    while key and first and (words[first - 1][:1].isupper() and
+                             not set(_tokens(words[first - 1])) & STOPWORDS or
+                             words[first - 1] in _NAME_JOINERS and first > 1 and
+                             words[first - 2][:1].isupper()) and \
+            _contains(t_tokens, _tokens(words[first - 1]) + key):
+        first -= 1
+        key = _tokens(words[first]) + key
     if not key or not _contains(t_tokens, key):
         return Verdict(False, "not_in_text")
     original = _original_span(text, key)
