@@ -29,7 +29,12 @@ import re
 from dataclasses import dataclass
 
 from kore_ray.augment.spans import (
-    _NAME_JOINERS, FUNCTION_WORDS, MONTHS, NUMBER_WORDS, PLURAL_AFTER, sentences,
+    FUNCTION_WORDS,
+    MONTHS,
+    NAME_JOINERS,
+    NUMBER_WORDS,
+    PLURAL_AFTER,
+    sentences,
 )
 from kore_ray.evaluate.metrics import normalize_answer
 
@@ -217,7 +222,7 @@ def check_pair(question: str, answer: str, text: str) -> Verdict:
     first = starts[0]
     while key and first and (words[first - 1][:1].isupper() and
                              not set(_tokens(words[first - 1])) & STOPWORDS or
-                             words[first - 1] in _NAME_JOINERS and first > 1 and
+                             words[first - 1] in NAME_JOINERS and first > 1 and
                              words[first - 2][:1].isupper()) and \
             _contains(t_tokens, _tokens(words[first - 1]) + key):
         first -= 1

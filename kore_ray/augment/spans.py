@@ -45,7 +45,7 @@ every all both many most some several one two three four five six seven eight ni
 NUMBER_WORDS = frozenset("""one two three four five six seven eight nine ten eleven twelve
 twenty thirty forty fifty hundred thousand million billion dozen""".split())
 # Lower-case words allowed inside a name ("University of Tarrow", "Bay of Kells").
-_NAME_JOINERS = frozenset({"of", "de", "la", "van", "von", "del", "da", "du"})
+NAME_JOINERS = frozenset({"of", "de", "la", "van", "von", "del", "da", "du"})
 _WORD = re.compile(r"[A-Za-zÀ-ÖØ-öø-ÿ][\w'’-]*")
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"”’)]?\s+(?=[\"“(]?[A-Z0-9])")
 
@@ -77,7 +77,7 @@ def _name_spans(sentence: str, taken: list[tuple[int, int]]) -> list[Span]:
     spans, run = [], []
 
     def close():
-        while run and (run[-1][2].lower() in _NAME_JOINERS):
+        while run and (run[-1][2].lower() in NAME_JOINERS):
             run.pop()
         while run and run[0][2].lower() in FUNCTION_WORDS:
             run.pop(0)
@@ -96,7 +96,7 @@ def _name_spans(sentence: str, taken: list[tuple[int, int]]) -> list[Span]:
             close()
         if word[0].isupper() and not word.isupper() or (word.isupper() and len(word) > 1):
             run.append((start, end, word))
-        elif run and word.lower() in _NAME_JOINERS:
+        elif run and word.lower() in NAME_JOINERS:
             run.append((start, end, word))
         else:
             close()
