@@ -96,10 +96,9 @@ def mixed_conversations(n: int) -> list[Conversation]:
             for i, c in enumerate(conversations(n))]
 
 
-def step_times(models: dict, batches: list[dict] | dict[str, list[dict]],
-               steps: int) -> dict[str, dict[str, list]]:
+def step_times(models: dict, batches: dict[str, list[dict]], steps: int) -> dict[str, dict[str, list]]:
     """Wall and CPU seconds of each model's steps, in alternating order; the first step of
-    each model (warm-up) is dropped. `batches`: one list for all, or one per model name."""
+    each model (warm-up) is dropped. `batches`: each model's micro-batches, by name."""
     optim = {}
     for name, model in models.items():
         model.train()
@@ -109,8 +108,7 @@ def step_times(models: dict, batches: list[dict] | dict[str, list[dict]],
     for i in range(steps + 1):
         for name in (list(models) if i % 2 == 0 else list(reversed(models))):
             wall, cpu = time.perf_counter(), time.process_time()
-            train_step(models[name], *optim[name],
-                       batches[name] if isinstance(batches, dict) else batches)
+            train_step(models[name], *optim[name], batches[name])
             times[name]["wall"].append(time.perf_counter() - wall)
             times[name]["cpu"].append(time.process_time() - cpu)
     return {name: {k: v[1:] for k, v in t.items()} for name, t in times.items()}
@@ -141,7 +139,7 @@ def part1(model_dir: Path, rank: int, batch: int, steps: int) -> tuple[float, li
     log(f"part 1: KORE r={rank} (twice) and LoRA r={lora_rank} built; timing {steps} steps each")
     rows = [encode_conversation(tokenizer, c, 256) for c in conversations(batch)]
     batches = [pad_batch(rows, tokenizer.pad_token_id)]
-    times = step_times(models, batches, steps)
+    times = step_times(models, dict.fromkeys(models, batches), steps)
     tokens = int(batches[0]["attention_mask"].sum())
     header = f"{'method':<10}{'rank':>6}{'trainable':>12}{'median CPU s':>14}{'median wall s':>15}"
     lines = [header + f"{'tokens/s':>10}"]
