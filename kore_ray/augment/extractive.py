@@ -31,9 +31,10 @@ street square cup trophy prize award medal championship tournament festival game
 series telescope satellite probe rover mission ship vessel train aircraft engine reactor
 protocol treaty accord act law programme program project prize index
 """.split())
-# A name's first word that says what kind of thing it is ("Mount Caspery" -> "which mountain").
+# A name's first word that says what kind of thing it is ("Mount Caspery" -> "which mountain");
+# not "Saint" or "Fort", which also begin the names of towns.
 TITLE_HEADS = {"mount": "mountain", "mt": "mountain", "lake": "lake", "cape": "cape",
-               "isle": "island", "fort": "fort", "saint": "saint", "st": "saint"}
+               "isle": "island"}
 PLACE_PREPOSITIONS = frozenset({"in", "at", "from", "near", "to", "across", "into", "off",
                                 "outside", "inside", "above", "below", "beneath", "over"})
 _PRONOUN_START = re.compile(r"^(?:It|He|She|They)\b(?!\s+(?:is|was)\s+(?:also|not)\b)")
