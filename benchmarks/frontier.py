@@ -10,8 +10,8 @@ our vLLM multi-LoRA app and scores them with the evaluation stage's own code.
 
     python benchmarks/frontier.py [--config configs/demo.yaml] [--run-dir runs/frontier]
 
-On 2 CPU cores `--methods kore,lora` (5 runs of the demo's 60 steps, ~5 minutes each, then 15
-adapters evaluated, ~9 minutes) takes about 40 minutes; the whole grid about 70. It is
+On 2 CPU cores `--methods kore,lora` (5 runs of the demo's 60 steps, 5-10 minutes each, then 15
+adapters evaluated, 9-14 minutes) takes 40-85 minutes, the whole grid about twice that. It is
 resumable: finished points and answers already collected are kept in the run directory. It writes <run-dir>/frontier.json and
 docs/frontier.png, prints every point, and its last line is
 {"kore_retention_at_90": ..., "lora_retention_at_90": ..., "corda_retention_at_90": ..., ...}:
