@@ -307,10 +307,10 @@ def fronted_question(sentence: str, span: Span, topic: str) -> str | None:
             and phrase.startswith(("which", "what", "who")):
         # "opened a factory in which town" -> "In which town did ... open a factory?"
         phrase = f"{rest.pop()} {'whom' if phrase == 'who' else phrase}"
-    modified = re.match(r"\s+([a-z]+)\b", after)  # "the Wessaline coast": the span names a noun
-    if rest and rest[-1].lower() in _STRANDED or modified and \
-            modified.group(1) not in FUNCTION_WORDS and not modified.group(1).endswith("ly"):
-        return None  # moving the span would strand "about" or "only", or leave its noun behind
+    stranded = bool(rest) and rest[-1].lower() in _STRANDED  # "... with about?"
+    noun = re.match(r"\s+([a-z]+)\b", after)  # "the Wessaline coast": the span names a noun
+    if stranded or noun and noun.group(1) not in FUNCTION_WORDS and not noun.group(1).endswith("ly"):
+        return None  # moving the span would strand a word or leave its noun behind
     question = " ".join([phrase, aux, *subject, *rest]) + after + tail
     question = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", question)).strip()
     return question[0].upper() + question[1:] + "?"

@@ -219,11 +219,13 @@ def check_pair(question: str, answer: str, text: str) -> Verdict:
         key.pop()
     # The name's own first words, though the question has them: "which mountain?" is answered
     # "Mount Caspery", "which university?" "University of Ulvaranth", not "Caspery".
+    def in_name(i: int) -> bool:  # a capitalised content word, or "of" after one
+        if words[i][:1].isupper():
+            return not set(_tokens(words[i])) & STOPWORDS
+        return words[i] in NAME_JOINERS and i > 0 and words[i - 1][:1].isupper()
+
     first = starts[0]
-    while key and first and (words[first - 1][:1].isupper() and
-                             not set(_tokens(words[first - 1])) & STOPWORDS or
-                             words[first - 1] in NAME_JOINERS and first > 1 and
-                             words[first - 2][:1].isupper()) and \
+    while key and first and in_name(first - 1) and \
             _contains(t_tokens, _tokens(words[first - 1]) + key):
         first -= 1
         key = _tokens(words[first]) + key
