@@ -45,10 +45,13 @@ def dump(files: dict[Path, Path | None]) -> dict[str, dict]:
     return out
 
 
+def _rows(dump: dict, key: str) -> set[tuple[str, str]]:
+    return {(item, json.dumps(x)) for item, v in dump.items() for x in v[key]}
+
+
 def changes(old: dict, new: dict) -> None:
     for key in ("kept", "rejected"):
-        flat = lambda d: {(item, json.dumps(x)) for item, v in d.items() for x in v[key]}  # noqa: E731
-        gone, added = flat(old) - flat(new), flat(new) - flat(old)
+        gone, added = _rows(old, key) - _rows(new, key), _rows(new, key) - _rows(old, key)
         print(f"{key}: {sum(len(v[key]) for v in old.values())} -> "
               f"{sum(len(v[key]) for v in new.values())} ({len(gone)} removed, {len(added)} added)")
         for sign, rows in (("-", gone), ("+", added)):
