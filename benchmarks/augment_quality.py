@@ -11,8 +11,9 @@ demo), retention from the demo's probes.
     python benchmarks/augment_quality.py [--config configs/demo.yaml] [--run-dir runs/augment_quality]
         [--settings templates,extractive,self,extractive-self]
 
-About 35 minutes on 2 CPU cores (the templates setting's 60 steps of paragraphs are 9 of them; 27 on
-the slower AVX2 machine, where two settings take about 30); resumable (finished stages are skipped). Last line:
+About 35 minutes on 2 CPU cores (the templates setting's 60 steps of paragraphs are 9 of them;
+27 on the slower AVX2 machine, where two settings take about 30); resumable (finished stages
+are skipped). Last line:
 {"f1_by_generator": {...}, "cem_by_generator": {...}, "retention_by_generator": {...},
  "self_kept_fraction": ...}
 """

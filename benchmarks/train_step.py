@@ -96,7 +96,8 @@ def mixed_conversations(n: int) -> list[Conversation]:
             for i, c in enumerate(conversations(n))]
 
 
-def step_times(models: dict, batches: dict[str, list[dict]], steps: int) -> dict[str, dict[str, list]]:
+def step_times(models: dict, batches: dict[str, list[dict]],
+               steps: int) -> dict[str, dict[str, list]]:
     """Wall and CPU seconds of each model's steps, in alternating order; the first step of
     each model (warm-up) is dropped. `batches`: each model's micro-batches, by name."""
     optim = {}

@@ -305,8 +305,9 @@ class Collate(NumpyBatchCollateFn):
         for row in rows:
             row["input_ids"], row["labels"] = row["input_ids"].tolist(), row["labels"].tolist()
         # Padded micro-batches of similar lengths: a short Q&A padded to a paragraph's length
-        # costs as much as the paragraph (packed ones do not depend on it). The loss is normalised over the whole step, so the order
-        # within a step changes nothing but float rounding.
+        # costs as much as the paragraph (packed ones do not depend on it). The loss is
+        # normalised over the whole step, so the order within a step changes nothing but float
+        # rounding.
         rows.sort(key=lambda r: len(r["input_ids"]))
         chunks = [rows[i : i + self.micro] for i in range(0, len(rows), self.micro)]
         if self.vision:
