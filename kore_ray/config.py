@@ -203,8 +203,8 @@ class ServeConfig(_Section):
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             # vLLM refuses this too, but only inside the replica, after the model has loaded
-            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) < max_loras ({self.max_loras}): "
-                             "the adapters kept loaded must hold one batch's")
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) < max_loras "
+                             f"({self.max_loras}): the adapters kept loaded must hold one batch's")
         return self
 
 

@@ -6,7 +6,8 @@ from a run's cache where one is given, checked again by today's code) on every i
 one JSON object per item: its kept conversations and its rejections. With --against, prints
 what changed against an earlier dump.
 
-    python scripts/augment_pairs.py out.json [--set data/heldout/knowledge.jsonl=runs/X/augmented/cache ...]
+    python scripts/augment_pairs.py out.json \
+        [--set data/heldout/knowledge.jsonl=runs/X/augmented/cache ...]
     python scripts/augment_pairs.py new.json --against old.json
 
 Without --set: every knowledge file under data/, extractive pairs only.
@@ -30,7 +31,8 @@ def self_outcomes(cache: Path | None) -> dict[str, self_qa.SelfOutcome]:
     if cache is None:
         return {}
     entries = (json.loads(f.read_text()) for f in cache.rglob("*.json"))
-    return {e["knowledge_id"]: self_qa.SelfOutcome.from_json(e["self"]) for e in entries if "self" in e}
+    return {e["knowledge_id"]: self_qa.SelfOutcome.from_json(e["self"])
+            for e in entries if "self" in e}
 
 
 def dump(files: dict[Path, Path | None]) -> dict[str, dict]:

@@ -309,7 +309,8 @@ def fronted_question(sentence: str, span: Span, topic: str) -> str | None:
         phrase = f"{rest.pop()} {'whom' if phrase == 'who' else phrase}"
     stranded = bool(rest) and rest[-1].lower() in _STRANDED  # "... with about?"
     noun = re.match(r"\s+([a-z]+)\b", after)  # "the Wessaline coast": the span names a noun
-    if stranded or noun and noun.group(1) not in FUNCTION_WORDS and not noun.group(1).endswith("ly"):
+    if stranded or noun and noun.group(1) not in FUNCTION_WORDS \
+            and not noun.group(1).endswith("ly"):
         return None  # moving the span would strand a word or leave its noun behind
     question = " ".join([phrase, aux, *subject, *rest]) + after + tail
     question = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", question)).strip()
