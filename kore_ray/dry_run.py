@@ -74,6 +74,7 @@ def dry_run(cfg: PipelineConfig, methods: list[str] | None = None, say=print) ->
     from kore_ray.augment.augment_stage import fact_tree
     from kore_ray.augment.dedup import drop_near_duplicates
     from kore_ray.augment.templates import template_tree
+    from kore_ray.train.data import planned_steps
 
     methods = list(methods or cfg.evaluate.methods)
     cfg.check_servable(methods)
@@ -120,19 +121,29 @@ def dry_run(cfg: PipelineConfig, methods: list[str] | None = None, say=print) ->
         tokens = _tokens(tokenizer, retention, cfg.covariance.max_length)
         say(f"covariance: {len(retention)} retention sequences, about {tokens:,} tokens, on "
             f"{cfg.covariance.num_actors} actor(s)")
+    empty = []  # methods whose plan has no step: training would refuse to start
+    more = bool(asked) or ("endpoint" in generators and a.base_url)  # counted above: a floor
     for method in methods:
         mt = cfg.for_method(method).train
-        steps = mt.max_steps or max(1, mt.epochs * conversations // mt.batch_size)
-        say(f"train {method}: {steps} steps of {mt.batch_size} sequences "
+        steps = planned_steps(conversations, mt.batch_size, mt.epochs, mt.max_steps)
+        at_least = "at least " if more and mt.max_steps is None else ""
+        say(f"train {method}: {at_least}{steps} steps of {mt.batch_size} sequences "
             f"({steps * mt.batch_size / max(conversations, 1):.1f} epochs of the "
-            f"{conversations}+ conversations), lr {mt.learning_rate:g}, {mt.num_workers} "
-            f"worker(s)")
+            f"{conversations}{'+' if more else ''} conversations), lr {mt.learning_rate:g}, "
+            f"{mt.num_workers} worker(s)")
+        if steps == 0 and not more:
+            say(f"    {mt.epochs} epoch(s) of {conversations} conversation(s) do not fill one "
+                f"batch of {mt.batch_size}: lower train.batch_size or set train.max_steps")
+            empty.append(method)
     questions = len(records.get("eval_questions", []))
     probes = len(records.get("retention_eval", []))
     say(f"evaluate: {questions} questions and {probes} retention probes to the base and "
         f"{len(methods)} adapter(s): {(questions + probes) * (len(methods) + 1)} requests")
     if bad_files:
         say(f"dry run: {bad_files} input file(s) have problems; fix them before the run")
+    if empty:
+        say(f"dry run: training {', '.join(empty)} would have no step; fix train.* first")
+    if bad_files or empty:
         return 1
     say("dry run: everything checks; nothing was trained")
     return 0

@@ -163,6 +163,18 @@ def test_dry_run_checks_every_input_and_plans_without_running(tmp_path):
     assert "evaluate: 1 questions and 0 retention probes" in text
     assert not (tmp_path / "run").exists()  # nothing was written, let alone trained
 
+    # by epochs: the step count training would plan; none at all is a failed check, as in training
+    by_epochs = [o for o in overrides if not o.startswith("train.")]
+    said.clear()
+    assert dry_run(load_config(overrides=[*by_epochs, "train.epochs=2", "train.batch_size=3"]),
+                   say=said.append) == 0
+    n = int(next(s for s in said if s.startswith("augment:")).split(": ")[2].split()[0])
+    assert f"train kore: {2 * n // 3} steps of 3 sequences" in "\n".join(said)
+    said.clear()
+    assert dry_run(load_config(overrides=[*by_epochs, "train.batch_size=4096"]),
+                   say=said.append) == 1
+    assert "train kore: 0 steps" in "\n".join(said) and "would have no step" in said[-1]
+
     (tmp_path / "r.jsonl").write_text(json.dumps({"id": "r1", "prompt": "x", "answer": ""}) + "\n")
     said.clear()
     assert dry_run(load_config(overrides=overrides), say=said.append) == 1

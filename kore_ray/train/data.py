@@ -77,11 +77,16 @@ def read_conversations(path: str | Path, vision: bool) -> list[Conversation]:
     return conversations
 
 
+def planned_steps(n: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
+    """Optimizer steps for n conversations: max_steps, else whole global batches in `epochs`."""
+    return max_steps if max_steps is not None else epochs * n // batch_size
+
+
 def plan_schedule(
     n: int, batch_size: int, epochs: int, max_steps: int | None, seed: int
 ) -> np.ndarray:
     """(steps, batch_size) conversation indices: row t is global batch t (see module doc)."""
-    steps = max_steps if max_steps is not None else epochs * n // batch_size
+    steps = planned_steps(n, batch_size, epochs, max_steps)
     if steps == 0:
         raise InputError(
             f"{epochs} epoch(s) of {n} conversation(s) do not fill one global batch of "
