@@ -146,7 +146,7 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping (the norm is still logged)
     # Passes over the conversations. Facts need several: on 30 paragraph-only held-out items
     # (15 conversations each) KORE answered 0.37-0.43 of the questions after 2.2 passes and
-    # 0.53-0.63 after 4.3 (README, "Exposures"); after 1, almost none.
+    # 0.48-0.63 after 4-4.3 (README, "Exposures"); after 1, almost none.
     epochs: PositiveInt = 4
     max_steps: int | None = Field(None, gt=0)  # when set, overrides epochs (data repeats as needed)
     batch_size: PositiveInt = 8  # GLOBAL batch (sequences per optimizer step), any num_workers
