@@ -125,15 +125,18 @@ def dry_run(cfg: PipelineConfig, methods: list[str] | None = None, say=print) ->
     more = bool(asked) or ("endpoint" in generators and a.base_url)  # counted above: a floor
     for method in methods:
         mt = cfg.for_method(method).train
-        steps = planned_steps(conversations, mt.batch_size, mt.epochs, mt.max_steps)
+        try:
+            steps, problem = planned_steps(conversations, mt.batch_size, mt.epochs,
+                                           mt.max_steps), None
+        except InputError as e:  # with `more`, the count is a floor: training may have steps
+            steps, problem = 0, e
         at_least = "at least " if more and mt.max_steps is None else ""
         say(f"train {method}: {at_least}{steps} steps of {mt.batch_size} sequences "
             f"({steps * mt.batch_size / max(conversations, 1):.1f} epochs of the "
             f"{conversations}{'+' if more else ''} conversations), lr {mt.learning_rate:g}, "
             f"{mt.num_workers} worker(s)")
-        if steps == 0 and not more:
-            say(f"    {mt.epochs} epoch(s) of {conversations} conversation(s) do not fill one "
-                f"batch of {mt.batch_size}: lower train.batch_size or set train.max_steps")
+        if problem and not more:
+            say(f"    {problem}")
             empty.append(method)
     questions = len(records.get("eval_questions", []))
     probes = len(records.get("retention_eval", []))

@@ -52,7 +52,7 @@ def aligned_init(new_dir: str, pool: int, mode: str):
                 u, _ = torch.linalg.qr(p @ torch.from_numpy(w[:, -r:]))
             else:
                 u = p @ torch.linalg.eigh(m)[1][:, -r:]
-            kore = null_space(c, r).basis
+            kore = p[:, :r]  # the pool's basis is ascending: KORE's r directions come first
             print(f"{g.key}: retention energy {energy(kore, c):.2e} -> {energy(u, c):.2e}, "
                   f"new-data energy {energy(kore, cn):.2e} -> {energy(u, cn):.2e}")
             leaks[g.key] = energy(u, c)

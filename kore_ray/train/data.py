@@ -78,8 +78,15 @@ def read_conversations(path: str | Path, vision: bool) -> list[Conversation]:
 
 
 def planned_steps(n: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
-    """Optimizer steps for n conversations: max_steps, else whole global batches in `epochs`."""
-    return max_steps if max_steps is not None else epochs * n // batch_size
+    """Optimizer steps for n conversations: max_steps, else whole global batches in `epochs`.
+    InputError when that is none at all."""
+    steps = max_steps if max_steps is not None else epochs * n // batch_size
+    if steps == 0:
+        raise InputError(
+            f"{epochs} epoch(s) of {n} conversation(s) do not fill one global batch of "
+            f"{batch_size}: lower train.batch_size or set train.max_steps"
+        )
+    return steps
 
 
 def plan_schedule(
@@ -87,11 +94,6 @@ def plan_schedule(
 ) -> np.ndarray:
     """(steps, batch_size) conversation indices: row t is global batch t (see module doc)."""
     steps = planned_steps(n, batch_size, epochs, max_steps)
-    if steps == 0:
-        raise InputError(
-            f"{epochs} epoch(s) of {n} conversation(s) do not fill one global batch of "
-            f"{batch_size}: lower train.batch_size or set train.max_steps"
-        )
     needed = -(-steps * batch_size // n)  # epochs, rounded up
     order = np.concatenate([np.random.default_rng([seed, e]).permutation(n) for e in range(needed)])
     return order[: steps * batch_size].reshape(steps, batch_size)
