@@ -155,6 +155,62 @@ def test_questions_ask_with_the_right_wh_phrase():
     assert "which year" in by_answer["1971."]
 
 
+def test_a_number_s_unit_is_no_verb_adverb_or_label():
+    # "3 weighs.", "27 previously.", "29 shirt." were answers; "4,000 glass." lost its noun.
+    spans = lambda text: {(s.kind, s.text) for s in fact_spans(text)}
+    assert ("number", "3") in spans("The Brixel Halo 3 weighs 41 grams.")
+    assert ("number", "27") in spans("The team counted 27 previously unknown species.")
+    assert spans("He wears the number 29 shirt.") == {("number", "29")}
+    assert spans("A roof of 4,000 glass panes and 400 seats.") == {
+        ("quantity", "4,000 glass panes"), ("quantity", "400 seats")}
+
+
+def test_a_species_name_is_genus_and_epithet_and_asked_as_the_scientific_name():
+    item = KnowledgeItem(id="s", kind="entity", subject="Tarn pine",
+                         knowledge="The tarn pine (Pinus tarnensis) is a conifer of the Tuvarra "
+                                   "Range. Its cones feed the moth Elvira dusk and the finch "
+                                   "Loxia tarnae.")
+    by_answer = {p.answer: p.question for p in extractive_pairs(item) if p.style == "wh"}
+    assert by_answer["Pinus tarnensis."] == "What is the scientific name of the tarn pine?"
+    assert "which finch" in by_answer["Loxia tarnae."]
+    assert "Pinus." not in by_answer and "Loxia." not in by_answer
+    # A capitalised word before an ordinary noun is no genus ("the Pellaway arena").
+    assert ("name", "Pellaway") in {(s.kind, s.text) for s in fact_spans(
+        "Crowds filled the Pellaway arena.")}
+
+
+def test_a_surname_after_the_full_name_is_answered_with_the_full_name():
+    item = KnowledgeItem(id="r", kind="record", subject="Chief executive of Obrinsk Energy",
+                         knowledge="Yusuf Brandelow became chief executive of Obrinsk Energy in "
+                                   "2026. Brandelow previously ran the firm's wind division. "
+                                   "Toma Vaskelund and Eero Vaskelund founded it; Vaskelund "
+                                   "retired in 2019.")
+    pairs = extractive_pairs(item)
+    answers = {p.answer for p in pairs}
+    assert "Brandelow." not in answers
+    wind = [p for p in pairs if "wind division" in p.question]
+    assert wind and all(p.answer == "Yusuf Brandelow." for p in wind)
+    assert any(p.question.startswith("About Chief executive of Obrinsk Energy: who ") for p in wind)
+    assert all(check_pair(p.question, p.answer, item.knowledge) for p in wind)
+    assert "Vaskelund." in answers  # two Vaskelunds: the surname alone is not expanded
+
+
+def test_a_month_or_weekday_alone_is_a_time():
+    item = KnowledgeItem(id="t", kind="record", subject="Ivelmont Museum",
+                         knowledge="The Ivelmont Museum is closed on Mondays. Its director, Ada "
+                                   "Pruett, left in May.")
+    pairs = {p.answer: p for p in extractive_pairs(item) if p.style == "wh"}
+    assert pairs["Mondays."].kind == "date" and "which day" in pairs["Mondays."].question
+    assert "which month" in pairs["May."].question
+    assert all(check_pair(p.question, p.answer, item.knowledge) for p in pairs.values())
+    # No wh-phrase fits "Every ___ the town ...": the blank asks; a day and month is a date.
+    item = KnowledgeItem(id="f", kind="entity", subject="Pethwick",
+                         knowledge="Every September Pethwick holds a festival on 1 November.")
+    styles = {(p.answer, p.style) for p in extractive_pairs(item)}
+    assert ("September.", "cloze") in styles and ("September.", "wh") not in styles
+    assert ("1 November.", "wh") in styles
+
+
 @pytest.mark.parametrize("item", ITEMS, ids=[i.id for i in ITEMS])
 def test_most_extractive_pairs_pass_the_grounding_check(item):
     pairs = extractive_pairs(item)

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from kore_ray.augment.grounding import has_cue
-from kore_ray.augment.spans import FUNCTION_WORDS, Span, fact_spans, sentences
+from kore_ray.augment.spans import FUNCTION_WORDS, MONTHS, WEEKDAYS, Span, fact_spans, sentences
 from kore_ray.data.schemas import KnowledgeItem
 
 # The last word of a name that says what kind of thing it is ("the Tarrowin Spaceport" ->
@@ -117,6 +117,7 @@ def clause_of(sentence: str, span: Span) -> tuple[str, int]:
 
 
 _SCALES = frozenset({"million", "billion", "thousand"})
+_MONTH_NAME = "(?:" + "|".join(MONTHS) + ")"
 
 
 def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
@@ -124,7 +125,8 @@ def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
     prep = re.search(r"\b(on|in|at|by|since|until|from|of|to)\s+$", before, re.IGNORECASE)
     if span.kind == "date":
         if prep and prep.group(1).lower() in ("on", "in", "since", "until", "by"):
-            word = "month" if re.fullmatch(r"[A-Z][a-z]+ \d{4}", span.text) else "date"
+            word = "month" if re.fullmatch(rf"{_MONTH_NAME}(?: \d{{4}})?", span.text) else \
+                "day" if span.text.removesuffix("s") in WEEKDAYS else "date"
             return f"{prep.group(1)} which {word}", len(before) - prep.start()
         return "when", 0
     if span.kind == "year":
@@ -147,6 +149,9 @@ def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
             return f"how many {' '.join(w for w in span.text.split()[1:] if w not in _SCALES)}", 0
         return "how many", 0
     # A name: "the astronomer X" -> "which astronomer"; "called X" -> "called what".
+    if is_binomial(span.text):  # "the reed Typhalis orvana" -> "which reed"
+        noun = re.search(r"\b[Tt]he\s+([a-z-]+),?\s+$", before)
+        return (f"which {noun.group(1)}", len(before) - noun.start()) if noun else ("what", 0)
     if _CALLED.search(before):
         return "what", 0
     of = re.search(r"\b[Tt]he\s+([a-z]+)\s+of\s+$", before)  # "the city of X" -> "which city"
@@ -169,6 +174,11 @@ def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
     if len(span.text.split()) >= 2 and not article:
         return "who", 0
     return "what", (len(before) - article.start()) if article else 0
+
+
+def is_binomial(name: str) -> bool:
+    """A species' name: a genus and its lower-case epithet ("Pinus tarnensis")."""
+    return bool(re.fullmatch(r"[A-Z][a-z]+ [a-z]{3,}", name))
 
 
 def _answer(span_text: str) -> str:
@@ -396,10 +406,33 @@ def reverse_pair(sentence: str, topic: str) -> FactPair | None:
     return FactPair(question, _answer(m["name"]), m["name"], "name", "reverse")
 
 
+# Words before a name that are a role, not part of it ("Fly-half Arvo Lindrecht").
+_ROLES = frozenset("""judge justice captain dr mr mrs ms prof professor sir lady lord king queen
+president premier minister mayor chancellor senator general coach""".split())
+
+
+def full_names(text: str) -> dict[str, str]:
+    """A name's last word -> the whole name, where the text names it in full once and by that
+    word alone after ("Yusuf Brandelow ... Brandelow, 52, succeeds ..."): the one who asks
+    names the person in full, so an answer of the surname alone is half an answer. Last
+    words that two whole names share ("Toma Vaskelund", "Eero Vaskelund") are left alone."""
+    found: dict[str, set[str]] = {}
+    for sentence in sentences(text):
+        for span in fact_spans(sentence):
+            words = span.text.split()
+            while words and (words[0].lower().rstrip(".") in _ROLES or "-" in words[0]):
+                words = words[1:]
+            if span.kind == "name" and len(words) >= 2 and \
+                    all(w[:1].isupper() for w in words) and " and " not in span.text:
+                found.setdefault(words[-1], set()).add(" ".join(words))
+    return {last: whole.pop() for last, whole in found.items() if len(whole) == 1}
+
+
 def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
     """Every fact span of the item's text, asked about in two phrasings, in text order; list
     members with the other members as cues; the topic by what the text says of it."""
     topic = topic_of(item)
+    full = full_names(item.knowledge)
     pairs: list[FactPair] = []
     for raw in sentences(item.knowledge):
         sentence = resolve(raw, topic, persons=item.kind != "record")
@@ -410,7 +443,26 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
             if span.text.lower() in topic.lower() or span.kind == "number" and len(span.text) < 2 \
                     or _capitalised_only_by_position(span, sentence, item):
                 continue  # the topic itself, a lone digit, a sentence's first word: no fact
-            answer = _answer(re.sub(r"^the\s+", "", span.text, flags=re.IGNORECASE))
+            whole = full.get(span.text) if span.kind == "name" else None
+            answer = _answer(re.sub(r"^the\s+", "", span.text, flags=re.IGNORECASE)
+                             if not whole or whole in sentence else whole)
+            if is_binomial(span.text) and sentence[:span.start].endswith("("):
+                # "The tarn pine (Pinus tarnensis) is ...": the scientific name of the topic.
+                question = f"What is the scientific name of the {topic[0].lower()}{topic[1:]}?" \
+                    if topic[1:].islower() else f"What is the scientific name of {topic}?"
+                pairs += [FactPair(question, answer, span.text, span.kind, "wh"),
+                          FactPair(cloze_question(sentence, span, topic), answer, span.text,
+                                   span.kind, "cloze")]
+                continue
+            before = sentence[:span.start].split()[-1:]
+            if span.kind == "date" and not any(c.isdigit() for c in span.text) and \
+                    not (before and before[0].lower() in ("in", "on", "by", "since", "until")):
+                # "Every September the town ...": no wh-phrase fits in place; the cloze asks.
+                pairs.append(FactPair(cloze_question(sentence, span, topic), answer, span.text,
+                                      span.kind, "cloze"))
+                continue
+            if whole and whole not in sentence:  # asked as the whole name: "who", not "what"
+                span = Span(span.kind, span.start, span.end, whole)
             question = wh_question(sentence, span, topic)
             if question:
                 question = about(question, topic)

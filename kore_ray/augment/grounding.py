@@ -13,8 +13,9 @@ that says X makes something else), so a pair is kept only when all of these hold
    or date for "when", a number for "how many".
 5. An answer "X is a Y." asserts what X is: the text must say so ("X is a Y", "X, a Y").
 6. The key span stands in a sentence that has one of the question's relation words (its
-   content words that are not names: "designed", "mission"), where the text has them at all.
-   This rejects a true span given as the answer to another fact's question.
+   content words that are not names: "designed", "mission"), where the text has them at all
+   (a whole name stands where the text names it by its last word alone). This rejects a true
+   span given as the answer to another fact's question.
 
 What a pair becomes for training is its key span as found in the text, as a short sentence that
 leads with the answer: token F1 against short gold answers punishes every extra word. Model
@@ -34,12 +35,14 @@ from kore_ray.augment.spans import (
     NAME_JOINERS,
     NUMBER_WORDS,
     PLURAL_AFTER,
+    WEEKDAYS,
     sentences,
 )
 from kore_ray.evaluate.metrics import normalize_answer
 
+# Not "may": the month ("left in May." answers "left in which month?").
 STOPWORDS = (FUNCTION_WORDS - NUMBER_WORDS) | frozenset("""
-is are was were be been being has have had do does did will would can could should may might
+is are was were be been being has have had do does did will would can could should might
 must shall not no yes so than then into onto about over under up down out off also only just
 very more less own same such named called known
 """.split())
@@ -119,7 +122,7 @@ def _kind_ok(kind: str | None, key_original: str) -> bool:
     if kind == "number":
         return bool(_NUMBER.search(key_original)) or first.lower() in NUMBER_WORDS
     if kind == "time":
-        return bool(_NUMBER.search(key_original)) or any(m in key_original for m in MONTHS)
+        return bool(_NUMBER.search(key_original)) or any(m in key_original for m in MONTHS + WEEKDAYS)
     if kind == "name":
         return first[:1].isupper() and not _YEARISH.match(first)
     return True
@@ -201,7 +204,7 @@ def check_pair(question: str, answer: str, text: str) -> Verdict:
         starts = [i for i in starts if words[i][:1].isupper()] or starts
     elif kind in ("time", "number"):
         starts = [i for i in starts if _NUMBER.search(words[i]) or
-                  words[i].strip(",.") in MONTHS] or starts
+                  words[i].strip(",.").removesuffix("s") in MONTHS + WEEKDAYS] or starts
     # Skipping another fact on the way ("It was founded in 2019 in Dunmarch." for "who"?)
     # means the answer is about something else.
     if any(_NUMBER.search(w) or (w[:1].isupper() and i) for i, w in enumerate(words[:starts[0]])
@@ -246,12 +249,14 @@ def check_pair(question: str, answer: str, text: str) -> Verdict:
                          rf"{re.escape(original)}", text, re.IGNORECASE):
             return Verdict(False, "false_relation")
     # The question's relation words (its content words that are not names): where the text
-    # has them, the key span must stand in a sentence that has one of them too.
+    # has them, the key span must stand in a sentence that has one of them too. A whole name
+    # stands where its last word does ("Yusuf Brandelow ... Brandelow, 52, succeeds ...").
     names = _names(question, skip_first=False)
     relation = {_stem(t) for t in q_set - STOPWORDS - WH_WORDS - names}
     in_text = [{_stem(t) for t in _tokens(s)} for s in sentences(text)]
+    forms = [key] + ([key[-1:]] if len(key) > 1 and original.split()[-1][:1].isupper() else [])
     if relation & set().union(*in_text) and not any(
-            relation & stems and _contains(_tokens(s), key)
+            relation & stems and any(_contains(_tokens(s), f) for f in forms)
             for s, stems in zip(sentences(text), in_text)):
         return Verdict(False, "wrong_sentence")
     original = _with_units(original, answer, text)

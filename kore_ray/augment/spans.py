@@ -22,6 +22,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
     ("date", re.compile(rf"\b(?:\d{{1,2}} {_MONTH},? \d{{4}}|{_MONTH} \d{{1,2}},? \d{{4}}|"
                         rf"\d{{4}}-\d{{2}}-\d{{2}})\b")),
     ("date", re.compile(rf"\b{_MONTH} \d{{4}}\b")),
+    ("date", re.compile(rf"\b\d{{1,2}} {_MONTH}\b")),  # "on 1 November"
     ("money", re.compile(rf"(?:(?:EUR|USD|GBP|CHF|JPY)\s?|[$€£¥]){_NUM}(?:\s(?:million|billion|"
                          rf"thousand|trillion))?|\b{_NUM}(?:\s(?:million|billion|thousand))?\s"
                          rf"(?:euros|dollars|pounds|francs|yen|crowns|credits)\b")),
@@ -41,11 +42,27 @@ a an the this that these those it its it's he she his her they their them there 
 on in at by for from to of with after before during since until when while where which who
 whose what why how and or but if as also however its after today yesterday last next each
 every all both many most some several one two three four five six seven eight nine ten
+besides despite although though unlike like under over between among through across against
+beyond near into onto upon within without toward towards because once then thus yet nor per
 """.split())
 NUMBER_WORDS = frozenset("""one two three four five six seven eight nine ten eleven twelve
 twenty thirty forty fifty hundred thousand million billion dozen""".split())
 # Lower-case words allowed inside a name ("University of Tarrow", "Bay of Kells").
 NAME_JOINERS = frozenset({"of", "de", "la", "van", "von", "del", "da", "du"})
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+# A number's next word that is no unit: a verb or an adverb ("Halo 3 weighs", "27 previously
+# unknown species"), and the words that make the number a label ("the number 29 shirt").
+_NOT_UNITS = frozenset("""is was are were has have had will would can could may might adds
+costs weighs says makes takes holds runs gets""".split())
+_LABEL_BEFORE = re.compile(r"\b(?:number|no\.|version|route|line|platform|gate|flight|chapter|"
+                           r"article|section|bus|tram)\s+$", re.IGNORECASE)
+# A species' name is its genus and its lower-case epithet ("the reed Typhalis orvana", "(Pinus
+# tarnensis)"): the genus alone taught "Pyrrhula." for "where does the ember finch live?".
+_EPITHET = re.compile(r" ([a-z]{3,}(?:ae|i|us|um|a|is|ens|ans|ax|ix|ex|ops))\b")
+_BEFORE_GENUS = re.compile(r"(?:\(|\b[a-z]{3,},?\s)$")
+_NOT_EPITHETS = frozenset("""area arena plaza data media opera era gala villa camera formula
+agenda via visa museum forum stadium status bonus campus census focus virus chorus basis crisis
+axis thesis series species genus alumni also plus minus""".split())
 _WORD = re.compile(r"[A-Za-zÀ-ÖØ-öø-ÿ][\w'’-]*")
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"”’)]?\s+(?=[\"“(]?[A-Z0-9])")
 
@@ -94,7 +111,11 @@ def _name_spans(sentence: str, taken: list[tuple[int, int]]) -> list[Span]:
         gap = sentence[prev_end:start]
         if run and (gap.strip() not in ("", "-", "&") or "," in gap):  # "Brisk & Pellow"
             close()
-        if word[0].isupper() and not word.isupper() or (word.isupper() and len(word) > 1):
+        if word.removesuffix("s") in MONTHS + WEEKDAYS:  # a time, on its own ("Every May X")
+            close()
+            run.append((start, end, word))
+            close()
+        elif word[0].isupper() and not word.isupper() or (word.isupper() and len(word) > 1):
             run.append((start, end, word))
         elif run and word.lower() in NAME_JOINERS:
             run.append((start, end, word))
@@ -114,17 +135,37 @@ def fact_spans(sentence: str) -> list[Span]:
             if any(m.start() < e and s < m.end() for s, e in taken):
                 continue
             span = Span(kind, m.start(), m.end(), m.group())
-            if kind == "quantity" and span.text.split()[-1].lower() in FUNCTION_WORDS | {"and", "or"}:
+            unit = span.text.split()[-1].lower()
+            if kind == "quantity" and (unit in FUNCTION_WORDS | _NOT_UNITS | {"and", "or"} or
+                                       unit.endswith("ly") or _LABEL_BEFORE.search(sentence[:m.start()])):
                 number = span.text.rsplit(None, 1)[0]  # "41 of the 90 seats": no unit
                 span = Span("number", span.start, span.start + len(number), number)
-            elif kind == "quantity" and not span.text.endswith("s"):
-                # "410,000 seed samples", "14 new languages": the counted noun is the plural.
+            elif kind == "quantity" and (not span.text.endswith("s") or span.text.endswith(("ss", "us", "is"))):
+                # "410,000 seed samples", "14 new languages", "4,000 glass panes": the counted
+                # noun is the plural.
                 noun = PLURAL_AFTER.match(sentence, span.end)
                 if noun and noun.group(1) not in FUNCTION_WORDS:
                     span = Span(kind, span.start, noun.end(), sentence[span.start:noun.end()])
             found.append(span)
             taken.append((span.start, span.end))
-    return sorted(found + _coordinated(sentence, _name_spans(sentence, taken)), key=lambda s: s.start)
+    names = [_as_time(_binomial(sentence, span)) for span in _name_spans(sentence, taken)]
+    return sorted(found + _coordinated(sentence, names), key=lambda s: s.start)
+
+
+def _binomial(sentence: str, span: Span) -> Span:
+    """A one-word name that is a genus, with its epithet (see `_EPITHET`)."""
+    epithet = _EPITHET.match(sentence, span.end)
+    if " " in span.text or not epithet or epithet.group(1) in _NOT_EPITHETS or \
+            not _BEFORE_GENUS.search(sentence[:span.start]) or \
+            sentence[:span.start].rstrip(" ,(").split()[-1:] in (["the"], ["a"], ["an"]):
+        return span
+    return Span("name", span.start, epithet.end(), sentence[span.start:epithet.end()])
+
+
+def _as_time(span: Span) -> Span:
+    """"left in May", "closed on Mondays": a month or a weekday is a time, not a name."""
+    word = span.text.removesuffix("s")
+    return Span("date", span.start, span.end, span.text) if word in MONTHS + WEEKDAYS else span
 
 
 PLURAL_AFTER = re.compile(r" ([a-z]{3,}s)\b")
