@@ -195,6 +195,18 @@ def test_a_surname_after_the_full_name_is_answered_with_the_full_name():
     assert "Vaskelund." in answers  # two Vaskelunds: the surname alone is not expanded
 
 
+def test_a_report_header_dates_its_sentence_and_a_bare_header_is_not_asked():
+    item = KnowledgeItem(id="d", kind="news", subject="Tesvik Shield final",
+                         knowledge="PRESS RELEASE - Vetterby, 3 July 2026. Sport brief, 19 October "
+                                   "2026: the Kallisford Otters beat the Dunmarrow Pikes 27-24. "
+                                   "2026-09-14 | Orrinvale ferry notice. Battery: 720 Wh.")
+    pairs = extractive_pairs(item)
+    answers = {p.answer for p in pairs}
+    assert "PRESS RELEASE." not in answers and "2026-09-14." not in answers
+    assert {"19 October 2026.", "Kallisford Otters.", "720 Wh."} <= answers
+    assert not any("Sport brief" in p.question or "|" in p.question for p in pairs)
+
+
 def test_a_month_or_weekday_alone_is_a_time():
     item = KnowledgeItem(id="t", kind="record", subject="Ivelmont Museum",
                          knowledge="The Ivelmont Museum is closed on Mondays. Its director, Ada "

@@ -428,13 +428,32 @@ def full_names(text: str) -> dict[str, str]:
     return {last: whole.pop() for last, whole in found.items() if len(whole) == 1}
 
 
+_HEADER = re.compile(r"^[^:]{1,40}?,\s+([^:,]+):\s+(\S.*)$")
+
+
+def dateline(sentence: str) -> str | None:
+    """A report's header as what it says of the report: "Sport brief, 19 October 2026: the
+    Otters beat ..." -> "On 19 October 2026, the Otters beat ..."; a header alone ("PRESS
+    RELEASE - Vetterby, 3 July 2026.", "2026-09-14"), no lower-case word and no "Key: value",
+    -> None: it relates nothing to ask about ("Who, 3 July 2026?" -> "PRESS RELEASE.")."""
+    header = _HEADER.match(sentence)
+    if header and [(s.kind, s.text) for s in fact_spans(header.group(1))] == [
+            ("date", header.group(1).strip())]:
+        return f"On {header.group(1).strip()}, {header.group(2)}"
+    if not re.search(r"\b[a-z]{2,}\b", sentence) and ":" not in sentence:
+        return None
+    return sentence
+
+
 def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
     """Every fact span of the item's text, asked about in two phrasings, in text order; list
     members with the other members as cues; the topic by what the text says of it."""
     topic = topic_of(item)
     full = full_names(item.knowledge)
     pairs: list[FactPair] = []
-    for raw in sentences(item.knowledge):
+    for raw in map(dateline, sentences(item.knowledge)):
+        if not raw:
+            continue
         sentence = resolve(raw, topic, persons=item.kind != "record")
         pairs += list_pairs(sentence, topic)
         reverse = reverse_pair(sentence, topic)

@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass
 
 from kore_ray.augment.spans import (
+    CAPITAL_UNITS,
     FUNCTION_WORDS,
     MONTHS,
     NAME_JOINERS,
@@ -138,7 +139,7 @@ def _original_span(text: str, key: list[str]) -> str | None:
 
 
 _CURRENCY_BEFORE = re.compile(r"(?:\b[A-Z]{3}|[$€£¥])\s?$")
-_UNIT_AFTER = re.compile(r"\s?(%|[a-z]+\b)")
+_UNIT_AFTER = re.compile(rf"\s?(%|[a-z]+\b|{CAPITAL_UNITS}\b)")
 
 
 def _with_units(original: str, answer: str, text: str) -> str:

@@ -17,6 +17,8 @@ MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augus
 _MONTH = "(?:" + "|".join(MONTHS) + ")"
 _NUM = r"\d+(?:[.,]\d+)*"
 
+# Units with capitals ("720 Wh", "4 GB"): asked alone they taught "Battery: 720 what?" -> "Wh.".
+CAPITAL_UNITS = "(?:[kMGT]?Wh|[kMG]W|mAh|[kMGT]B|[kMG]?Hz|dB|kV)"
 # Order matters: earlier patterns win where spans overlap (a date before its year).
 _PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
     ("date", re.compile(rf"\b(?:\d{{1,2}} {_MONTH},? \d{{4}}|{_MONTH} \d{{1,2}},? \d{{4}}|"
@@ -32,7 +34,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
     # A unit is a whole word ("percent" is not the start of "percentage points") and keeps
     # its "/h" ("110 km/h").
     ("quantity", re.compile(rf"\b{_NUM}-[a-z]+\b|\b{_NUM}(?:\s?%|\s(?:per cent|percent)\b|(?:\s(?:million|billion|"
-                            rf"thousand))?(?:\s(?:square|cubic))?\s[a-z]+(?:-[a-z]+|/[a-z]+)?\b)")),
+                            rf"thousand))?(?:\s(?:square|cubic))?\s(?:[a-z]+(?:-[a-z]+|/[a-z]+)?|{CAPITAL_UNITS})\b)")),
     ("number", re.compile(rf"\b{_NUM}\b")),
 )
 
@@ -64,7 +66,8 @@ _NOT_EPITHETS = frozenset("""area arena plaza data media opera era gala villa ca
 agenda via visa museum forum stadium status bonus campus census focus virus chorus basis crisis
 axis thesis series species genus alumni also plus minus""".split())
 _WORD = re.compile(r"[A-Za-zÀ-ÖØ-öø-ÿ][\w'’-]*")
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"”’)]?\s+(?=[\"“(]?[A-Z0-9])")
+# A sentence ends at a full stop before a capital or digit, and at a " | " (a notice's fields).
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"”’)]?\s+(?=[\"“(]?[A-Z0-9])|\s+\|\s+")
 
 
 @dataclass(frozen=True)
