@@ -56,7 +56,7 @@ WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", 
 # unknown species"), and the words that make the number a label ("the number 29 shirt").
 _NOT_UNITS = frozenset("""is was are were has have had will would can could may might adds
 costs weighs says makes takes holds runs gets""".split())
-_LABEL_BEFORE = re.compile(r"\b(?:number|no\.|version|route|line|platform|gate|flight|chapter|"
+_LABEL_BEFORE = re.compile(r"\b(?:number|no\.|version|route|platform|gate|flight|chapter|"
                            r"article|section|bus|tram)\s+$", re.IGNORECASE)
 # A species' name is its genus and its lower-case epithet ("the reed Typhalis orvana", "(Pinus
 # tarnensis)"): the genus alone taught "Pyrrhula." for "where does the ember finch live?".
