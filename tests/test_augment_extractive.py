@@ -205,6 +205,9 @@ def test_a_report_header_dates_its_sentence_and_a_bare_header_is_not_asked():
     assert "PRESS RELEASE." not in answers and "2026-09-14." not in answers
     assert {"19 October 2026.", "Kallisford Otters.", "720 Wh."} <= answers
     assert not any("Sport brief" in p.question or "|" in p.question for p in pairs)
+    founded = KnowledgeItem(id="f", kind="entity", subject="Vell Tower",
+                            knowledge="The Vell Tower is a lighthouse. Founded 1888.")
+    assert "1888." in {p.answer for p in extractive_pairs(founded)}
 
 
 def test_a_month_or_weekday_alone_is_a_time():

@@ -420,7 +420,8 @@ def full_names(text: str) -> dict[str, str]:
     for sentence in sentences(text):
         for span in fact_spans(sentence):
             words = span.text.split()
-            while words and (words[0].lower().rstrip(".") in _ROLES or "-" in words[0]):
+            while words and (words[0].lower().rstrip(".") in _ROLES or
+                             re.fullmatch(r"[A-Z][a-z]+-[a-z]+", words[0])):  # "Fly-half"
                 words = words[1:]
             if span.kind == "name" and len(words) >= 2 and \
                     all(w[:1].isupper() for w in words) and " and " not in span.text:
@@ -434,13 +435,17 @@ _HEADER = re.compile(r"^[^:]{1,40}?,\s+([^:,]+):\s+(\S.*)$")
 def dateline(sentence: str) -> str | None:
     """A report's header as what it says of the report: "Sport brief, 19 October 2026: the
     Otters beat ..." -> "On 19 October 2026, the Otters beat ..."; a header alone ("PRESS
-    RELEASE - Vetterby, 3 July 2026.", "2026-09-14"), no lower-case word and no "Key: value",
-    -> None: it relates nothing to ask about ("Who, 3 July 2026?" -> "PRESS RELEASE.")."""
+    RELEASE - Vetterby, 3 July 2026.", "2026-09-14": a capitalised word or a lone date, no
+    lower-case word, no "Key: value") -> None: it relates nothing to ask about ("Who, 3 July
+    2026?" -> "PRESS RELEASE."). "Founded 1998." is a fact and stays."""
     header = _HEADER.match(sentence)
     if header and [(s.kind, s.text) for s in fact_spans(header.group(1))] == [
             ("date", header.group(1).strip())]:
         return f"On {header.group(1).strip()}, {header.group(2)}"
-    if not re.search(r"\b[a-z]{2,}\b", sentence) and ":" not in sentence:
+    bare = not re.search(r"\b[a-z]{2,}\b", sentence) and ":" not in sentence
+    spans = fact_spans(sentence)
+    if bare and (re.search(r"\b[A-Z]{2,}\b", sentence) or  # "PRESS RELEASE - ..."
+                 len(spans) == 1 and spans[0].text == sentence.rstrip(".")):  # "2026-09-14"
         return None
     return sentence
 
