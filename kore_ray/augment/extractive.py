@@ -442,10 +442,10 @@ def dateline(sentence: str) -> str | None:
     if header and [(s.kind, s.text) for s in fact_spans(header.group(1))] == [
             ("date", header.group(1).strip())]:
         return f"On {header.group(1).strip()}, {header.group(2)}"
-    bare = not re.search(r"\b[a-z]{2,}\b", sentence) and ":" not in sentence
-    spans = fact_spans(sentence)
-    if bare and (re.search(r"\b[A-Z]{2,}\b", sentence) or  # "PRESS RELEASE - ..."
-                 len(spans) == 1 and spans[0].text == sentence.rstrip(".")):  # "2026-09-14"
+    if re.search(r"\b[a-z]{2,}\b", sentence) or ":" in sentence:
+        return sentence
+    if re.search(r"\b[A-Z]{2,}\b", sentence) or \
+            [s.text for s in fact_spans(sentence)] == [sentence.rstrip(".")]:  # "PRESS ...", a date
         return None
     return sentence
 
@@ -468,8 +468,8 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
                     or _capitalised_only_by_position(span, sentence, item):
                 continue  # the topic itself, a lone digit, a sentence's first word: no fact
             whole = full.get(span.text) if span.kind == "name" else None
-            answer = _answer(re.sub(r"^the\s+", "", span.text, flags=re.IGNORECASE)
-                             if not whole or whole in sentence else whole)
+            whole = whole if whole and whole not in sentence else None  # a surname asked whole
+            answer = _answer(whole or re.sub(r"^the\s+", "", span.text, flags=re.IGNORECASE))
             if is_binomial(span.text) and sentence[:span.start].endswith("("):
                 # "The tarn pine (Pinus tarnensis) is ...": the scientific name of the topic.
                 question = f"What is the scientific name of the {topic[0].lower()}{topic[1:]}?" \
@@ -485,7 +485,7 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
                 pairs.append(FactPair(cloze_question(sentence, span, topic), answer, span.text,
                                       span.kind, "cloze"))
                 continue
-            if whole and whole not in sentence:  # asked as the whole name: "who", not "what"
+            if whole:  # asked as the whole name: "who", not "what"
                 span = Span(span.kind, span.start, span.end, whole)
             question = wh_question(sentence, span, topic)
             if question:

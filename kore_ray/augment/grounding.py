@@ -37,6 +37,7 @@ from kore_ray.augment.spans import (
     NUMBER_WORDS,
     PLURAL_AFTER,
     WEEKDAYS,
+    is_time_word,
     sentences,
 )
 from kore_ray.evaluate.metrics import normalize_answer
@@ -205,7 +206,7 @@ def check_pair(question: str, answer: str, text: str) -> Verdict:
         starts = [i for i in starts if words[i][:1].isupper()] or starts
     elif kind in ("time", "number"):
         starts = [i for i in starts if _NUMBER.search(words[i]) or
-                  words[i].strip(",.").removesuffix("s") in MONTHS + WEEKDAYS] or starts
+                  is_time_word(words[i].strip(",."))] or starts
     # Skipping another fact on the way ("It was founded in 2019 in Dunmarch." for "who"?)
     # means the answer is about something else.
     if any(_NUMBER.search(w) or (w[:1].isupper() and i) for i, w in enumerate(words[:starts[0]])

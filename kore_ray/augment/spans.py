@@ -114,7 +114,7 @@ def _name_spans(sentence: str, taken: list[tuple[int, int]]) -> list[Span]:
         gap = sentence[prev_end:start]
         if run and (gap.strip() not in ("", "-", "&") or "," in gap):  # "Brisk & Pellow"
             close()
-        if word.removesuffix("s") in MONTHS + WEEKDAYS:  # a time, on its own ("Every May X")
+        if is_time_word(word):  # a time, on its own ("Every May X")
             close()
             run.append((start, end, word))
             close()
@@ -167,8 +167,12 @@ def _binomial(sentence: str, span: Span) -> Span:
 
 def _as_time(span: Span) -> Span:
     """"left in May", "closed on Mondays": a month or a weekday is a time, not a name."""
-    word = span.text.removesuffix("s")
-    return Span("date", span.start, span.end, span.text) if word in MONTHS + WEEKDAYS else span
+    return Span("date", span.start, span.end, span.text) if is_time_word(span.text) else span
+
+
+def is_time_word(word: str) -> bool:
+    """A month or a weekday ("May", "Mondays")."""
+    return word.removesuffix("s") in MONTHS + WEEKDAYS
 
 
 PLURAL_AFTER = re.compile(r" ([a-z]{3,}s)\b")
