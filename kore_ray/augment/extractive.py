@@ -149,7 +149,7 @@ def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
             return f"how many {' '.join(w for w in span.text.split()[1:] if w not in _SCALES)}", 0
         return "how many", 0
     # A name: "the astronomer X" -> "which astronomer"; "called X" -> "called what".
-    if is_binomial(span.text):  # "the reed Typhalis orvana" -> "which reed"
+    if span.species:  # "the reed Typhalis orvana" -> "which reed"
         noun = re.search(r"\b[Tt]he\s+([a-z-]+),?\s+$", before)
         return (f"which {noun.group(1)}", len(before) - noun.start()) if noun else ("what", 0)
     if _CALLED.search(before):
@@ -174,11 +174,6 @@ def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
     if len(span.text.split()) >= 2 and not article:
         return "who", 0
     return "what", (len(before) - article.start()) if article else 0
-
-
-def is_binomial(name: str) -> bool:
-    """A species' name: a genus and its lower-case epithet ("Pinus tarnensis")."""
-    return bool(re.fullmatch(r"[A-Z][a-z]+ [a-z]{3,}", name))
 
 
 def _answer(span_text: str) -> str:
@@ -470,7 +465,7 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
             whole = full.get(span.text) if span.kind == "name" else None
             whole = whole if whole and whole not in sentence else None  # a surname asked whole
             answer = _answer(whole or re.sub(r"^the\s+", "", span.text, flags=re.IGNORECASE))
-            if is_binomial(span.text) and sentence[:span.start].endswith("("):
+            if span.species and sentence[:span.start].endswith("("):
                 # "The tarn pine (Pinus tarnensis) is ...": the scientific name of the topic.
                 question = f"What is the scientific name of the {topic[0].lower()}{topic[1:]}?" \
                     if topic[1:].islower() else f"What is the scientific name of {topic}?"

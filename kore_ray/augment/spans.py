@@ -76,6 +76,7 @@ class Span:
     start: int  # character offsets in the sentence
     end: int
     text: str
+    species: bool = False  # a genus and its epithet, one name ("Pinus tarnensis")
 
 
 def sentences(text: str) -> list[str]:
@@ -162,7 +163,7 @@ def _binomial(sentence: str, span: Span) -> Span:
             not _BEFORE_GENUS.search(sentence[:span.start]) or \
             sentence[:span.start].rstrip(" ,(").split()[-1:] in (["the"], ["a"], ["an"]):
         return span
-    return Span("name", span.start, epithet.end(), sentence[span.start:epithet.end()])
+    return Span("name", span.start, epithet.end(), sentence[span.start:epithet.end()], species=True)
 
 
 def _as_time(span: Span) -> Span:
