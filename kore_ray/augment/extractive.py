@@ -15,7 +15,15 @@ import re
 from dataclasses import dataclass
 
 from kore_ray.augment.grounding import has_cue
-from kore_ray.augment.spans import FUNCTION_WORDS, MONTHS, WEEKDAYS, Span, fact_spans, sentences
+from kore_ray.augment.spans import (
+    FUNCTION_WORDS,
+    LABEL_NAME,
+    MONTHS,
+    WEEKDAYS,
+    Span,
+    fact_spans,
+    sentences,
+)
 from kore_ray.data.schemas import KnowledgeItem
 
 # The last word of a name that says what kind of thing it is ("the Tarrowin Spaceport" ->
@@ -76,7 +84,15 @@ def topic_of(item: KnowledgeItem) -> str:
         return item.subject
     names = [span.text for sentence in sentences(item.knowledge) for span in fact_spans(sentence)
              if span.kind == "name" and span.text.lower() in item.subject.lower()]
-    return max(names, key=len) if names else item.subject
+    if names:
+        return max(names, key=len)
+    # No name of the subject is a name of the text ("Confirmation of the exoplanet Vessamir-14
+    # d"): its longest run of words that the text has, if it has a capital or a digit.
+    words = item.subject.split()
+    runs = (" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1))
+    found = [r for r in runs if re.search(r"[A-Z0-9]", r) and
+             re.search(rf"(?<!\w){re.escape(r)}(?!\w)", item.knowledge, re.IGNORECASE)]
+    return max(found, key=len) if found else item.subject
 
 
 def resolve(sentence: str, topic: str, persons: bool = True) -> str:
@@ -143,12 +159,20 @@ def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
         unit = span.text.split()[-1] if " " in span.text else None
         if "%" in span.text or (unit and unit in ("percent", "cent")):
             return "what percentage", 0
-        if "-" in span.text:  # "a 9.1-inch screen"
+        if re.match(r"[\d.,]+-", span.text):  # "a 9.1-inch screen" (not "61.7 light-years")
             return "what size of", 0
+        if re.search(r"\d\s?[x×]\s?\d", span.text):  # "measuring 61 x 48 cm"
+            return "what size", 0
         if unit and unit not in _SCALES:  # every unit word: "how many seed samples"
             return f"how many {' '.join(w for w in span.text.split()[1:] if w not in _SCALES)}", 0
         return "how many", 0
     # A name: "the astronomer X" -> "which astronomer"; "called X" -> "called what".
+    label = LABEL_NAME.match(span.text)
+    if span.kind == "name" and label and span.text[label.end():].strip().isdigit():
+        return f"which {label.group().lower()}", 0  # "in Room 12" -> "in which room"
+    if span.kind == "title":  # "the album 'Marrow Lanterns'" -> "which album"; else "what"
+        noun = re.search(r"\b(?:[Tt]he|[Aa]n?)\s+([a-z]+),?\s+$", before)
+        return (f"which {noun.group(1)}", len(before) - noun.start()) if noun else ("what", 0)
     if span.species:  # "the reed Typhalis orvana" -> "which reed"
         noun = re.search(r"\b[Tt]he\s+([a-z-]+),?\s+$", before)
         return (f"which {noun.group(1)}", len(before) - noun.start()) if noun else ("what", 0)
@@ -197,6 +221,10 @@ def short_question(sentence: str, span: Span, topic: str) -> str | None:
     if not parts or not parts[2].strip(" ,;:"):
         return None
     before, phrase = parts[0].strip(), parts[1]
+    noun = re.match(r"\s*([a-z]+)\b", parts[2])
+    if span.kind == "name" and noun and noun.group(1) not in FUNCTION_WORDS | AUXILIARIES and \
+            not past_lemma(noun.group(1)) and not noun.group(1).endswith("s"):
+        return None  # "the Varrish chancellor": cut after "what", "negotiated by what?" is false
     # Not where the cut would leave no verb before the wh-phrase: the span is the subject
     # ("In the election of 8 March 2027, what?"), the phrase needs what follows ("a what size
     # of"), or the cut falls inside a quote or an opening adjunct ("In the election of when?").
@@ -220,7 +248,7 @@ def _as_question(text: str) -> str:
 def _unquoted(clause: str, s: int, e: int) -> tuple[int, int]:
     """The span's bounds with the quotes around it: 'nicknamed "Old Granny"' is asked
     'nicknamed what', not 'nicknamed " what"'."""
-    if clause[s - 1:s] in ('"', "“") and clause[e:e + 1] in ('"', "”"):
+    if clause[s - 1:s] in ('"', "“", "'", "‘") and clause[e:e + 1] in ('"', "”", "'", "’"):
         return s - 1, e + 1
     return s, e
 
@@ -233,6 +261,9 @@ def _wh_parts(sentence: str, span: Span, topic: str) -> tuple[str, str, str] | N
         clause, shift = f"{topic}'s{clause[clause.index(' '):]}", len(topic) + 2 - clause.index(" ")
         s, e = s + shift, e + shift
     phrase, swallow = _wh_phrase(span, clause[:s])
+    owner = re.match(r"['’]s\b|['’](?=\s)", clause[e:]) if span.kind == "name" else None
+    if owner:  # "Quillhaven's syndic, who?" -> "whose syndic", not "what's syndic"
+        phrase, swallow, e = "whose", 0, e + owner.end()
     before, after = clause[:s - swallow].rstrip(), clause[e:].rstrip(" .!?")
     if not (before.strip() or after.strip()):
         return None
@@ -460,8 +491,9 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
         pairs += [reverse] if reverse else []
         for span in fact_spans(sentence):
             if span.text.lower() in topic.lower() or span.kind == "number" and len(span.text) < 2 \
+                    or span.kind == "record" \
                     or _capitalised_only_by_position(span, sentence, item):
-                continue  # the topic itself, a lone digit, a sentence's first word: no fact
+                continue  # the topic, a lone digit, a record, a first word: no fact
             whole = full.get(span.text) if span.kind == "name" else None
             whole = whole if whole and whole not in sentence else None  # a surname asked whole
             answer = _answer(whole or re.sub(r"^the\s+", "", span.text, flags=re.IGNORECASE))

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from kore_ray.augment.spans import (
     CAPITAL_UNITS,
+    WORD_UNIT,
     FUNCTION_WORDS,
     MONTHS,
     NAME_JOINERS,
@@ -50,7 +51,7 @@ very more less own same such named called known
 """.split())
 WH_WORDS = frozenset({"who", "whom", "whose", "what", "which", "when", "where", "why", "how"})
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
-_CAPITALISED = re.compile(r"\b[A-ZÀ-ÖØ-Þ][\w'’-]*")
+_CAPITALISED = re.compile(r"(?<!°)\b[A-ZÀ-ÖØ-Þ][\w'’-]*")  # "°C" is a unit, not a name
 _REFUSAL = re.compile(r"\b(?:i don'?t know|not (?:mentioned|stated|specified|given|known)|"
                       r"unknown|no information|cannot (?:say|tell|answer)|n/a)\b", re.IGNORECASE)
 _YEARISH = re.compile(r"^(?:1[0-9]|20)\d\d$")
@@ -140,7 +141,7 @@ def _original_span(text: str, key: list[str]) -> str | None:
 
 
 _CURRENCY_BEFORE = re.compile(r"(?:\b[A-Z]{3}|[$€£¥])\s?$")
-_UNIT_AFTER = re.compile(rf"\s?(%|[a-z]+\b|{CAPITAL_UNITS}\b)")
+_UNIT_AFTER = re.compile(rf"\s?(%|{WORD_UNIT}(?!\w)|{CAPITAL_UNITS}(?!\w))")
 
 
 def _with_units(original: str, answer: str, text: str) -> str:
@@ -150,7 +151,7 @@ def _with_units(original: str, answer: str, text: str) -> str:
     without it is a different answer (gold answers carry their units)."""
     if not _NUMBER.search(original):
         return original
-    m = re.search(rf"(?<!\w){re.escape(original)}(?!\w)", text)
+    m = re.search(rf"(?<![\w.,]){re.escape(original)}(?!\w|[.,:]\d)", text)  # "3", not "3.9 kg"
     if m is None:
         return original
     start, end = m.start(), m.end()
@@ -199,7 +200,8 @@ def check_pair(question: str, answer: str, text: str) -> Verdict:
     # asked for starts: a number or month for "when"/"how many", a capitalised word for
     # "who"/"where", else the first new word. It runs on to the next question content word.
     kind = expected_kind(question)
-    clause = next(c for c in re.split(r"[;:()]|,\s|\s[-–]\s", answer) if any(map(is_new, _tokens(c))))
+    clause = next(c for c in re.split(r"[;()]|(?<!\d):|:(?!\d)|,\s|\s[-–]\s", answer)  # not "10:00"
+                  if any(map(is_new, _tokens(c))))
     words = re.findall(r"\S+", clause)
     starts = [i for i, w in enumerate(words) if any(map(is_new, _tokens(w)))]
     if kind == "name":

@@ -18,23 +18,31 @@ _MONTH = "(?:" + "|".join(MONTHS) + ")"
 _NUM = r"\d+(?:[.,]\d+)*"
 
 # Units with capitals ("720 Wh", "4 GB"): asked alone they taught "Battery: 720 what?" -> "Wh.".
-CAPITAL_UNITS = "(?:[kMGT]?Wh|[kMG]W|mAh|[kMGT]B|[kMG]?Hz|dB|kV)"
+CAPITAL_UNITS = "(?:[kMGT]?Wh|[kMG]?W|mAh|[kMGT]B|[kMG]?Hz|dB|[kM]?V|°[CF])"
+# A word unit, with a square or cube ("km2", "m3/s") and a per-unit ("km/h", "g/L").
+WORD_UNIT = r"[a-z]+[23]?(?:-[a-z]+|/[a-zA-Z]+[23]?)?"
+_LENGTH_UNITS = r"(?:mm|cm|m|km|in|inches|ft|metres|meters|centimetres|millimetres)"
 # Order matters: earlier patterns win where spans overlap (a date before its year).
 _PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
     ("date", re.compile(rf"\b(?:\d{{1,2}} {_MONTH},? \d{{4}}|{_MONTH} \d{{1,2}},? \d{{4}}|"
                         rf"\d{{4}}-\d{{2}}-\d{{2}})\b")),
     ("date", re.compile(rf"\b{_MONTH} \d{{4}}\b")),
     ("date", re.compile(rf"\b\d{{1,2}} {_MONTH}\b")),  # "on 1 November"
-    ("money", re.compile(rf"(?:(?:EUR|USD|GBP|CHF|JPY)\s?|[$€£¥]){_NUM}(?:\s(?:million|billion|"
+    # Any three-capital code before an amount is a currency ("NOK 2.84 billion", "SEK 3,790").
+    ("money", re.compile(rf"(?:(?:EUR|USD|GBP|CHF|JPY)\s?|\b[A-Z]{{3}}\s|[$€£¥]){_NUM}(?:\s(?:million|billion|"
                          rf"thousand|trillion))?|\b{_NUM}(?:\s(?:million|billion|thousand))?\s"
                          rf"(?:euros|dollars|pounds|francs|yen|crowns|credits)\b")),
     ("time", re.compile(r"\b\d{1,2}:\d{2}(?::\d{2})?\b")),
+    # "512 x 318 x 64 mm", "61 x 48 cm": one size, not three numbers.
+    ("quantity", re.compile(rf"\b{_NUM}(?:\s?[x×]\s?{_NUM}){{1,2}}\s?{_LENGTH_UNITS}\b")),
+    # A standings record ("38-12-6") is no score; it is not asked (see extractive.py).
+    ("record", re.compile(r"\b\d{1,3}(?:-\d{1,3}){2,}\b")),
     ("score", re.compile(r"\b\d{1,3}-\d{1,3}\b")),
     ("year", re.compile(r"\b(?:1[0-9]|20)\d\d\b(?![.,]\d|\s?%|\s(?:metres|meters|km|people))")),
     # A unit is a whole word ("percent" is not the start of "percentage points") and keeps
     # its "/h" ("110 km/h").
     ("quantity", re.compile(rf"\b{_NUM}-[a-z]+\b|\b{_NUM}(?:\s?%|\s(?:per cent|percent)\b|(?:\s(?:million|billion|"
-                            rf"thousand))?(?:\s(?:square|cubic))?\s(?:[a-z]+(?:-[a-z]+|/[a-z]+)?|{CAPITAL_UNITS})\b)")),
+                            rf"thousand))?(?:\s(?:square|cubic))?\s(?:{WORD_UNIT}|{CAPITAL_UNITS})(?!\w))")),
     ("number", re.compile(rf"\b{_NUM}\b")),
 )
 
@@ -56,8 +64,18 @@ WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", 
 # unknown species"), and the words that make the number a label ("the number 29 shirt").
 _NOT_UNITS = frozenset("""is was are were has have had will would can could may might adds
 costs weighs says makes takes holds runs gets""".split())
-_LABEL_BEFORE = re.compile(r"\b(?:number|no\.|version|route|platform|gate|flight|chapter|"
-                           r"article|section|bus|tram)\s+$", re.IGNORECASE)
+_LABELS = "number|no\\.|version|route|platform|gate|flight|chapter|article|section|bus|tram|room|hall|pier|berth|track|terminal|stand"
+_LABEL_BEFORE = re.compile(rf"\b(?:{_LABELS})\s+$", re.IGNORECASE)
+# "Room 12", "Gate 7": the label and its number are one name ("on display in which room?").
+LABEL_NAME = re.compile(rf"(?:{_LABELS})", re.IGNORECASE)
+# Unit abbreviations and percentages end a quantity: "12 min thanks", "40 percent comes" are no
+# "counted nouns" ("410,000 seed samples" is).
+_CLOSED_UNITS = frozenset("% percent cent min h hr s ms km m cm mm kg g mg t l ml ha mph".split())
+# Titles that keep their full stop inside a name ("Prof. Cassius Wennerby").
+TITLES = frozenset("Dr Mr Mrs Ms Prof St Gen Col Capt Lt Sgt Rev Fr".split())
+# A quoted title of up to eight words ("'Girl with a Pewter Jug'", "\"Loads and Margins\""):
+# one answer, not one name per capitalised run. Quoted speech has punctuation inside, a title not.
+_QUOTED = re.compile(r"(?:(?<=[\s(])|^)['\"“‘]((?:[Tt]he\s)?[A-Z][^'\"“”‘’,.!?;:]{0,60}?)['\"”’](?=[\s,.;:)!?]|$)")
 # A species' name is its genus and its lower-case epithet ("the reed Typhalis orvana", "(Pinus
 # tarnensis)"): the genus alone taught "Pyrrhula." for "where does the ember finch live?".
 _EPITHET = re.compile(r" ([a-z]{3,}(?:ae|i|us|um|a|is|ens|ans|ax|ix|ex|ops))\b")
@@ -85,7 +103,8 @@ def sentences(text: str) -> list[str]:
     merged: list[str] = []
     for part in parts:
         # "Dr. Orrow" / "J. Talvary": a one-letter or title word before the stop is no end.
-        if merged and re.search(r"(?:\b[A-Z]|\bDr|\bMr|\bMrs|\bMs|\bSt|\bProf)\.$", merged[-1]):
+        # Not after a unit letter ("maximum draw 1,850 W. Eleven power levels.").
+        if merged and re.search(rf"(?:(?<!\d\s)\b[A-Z]|\b(?:{'|'.join(TITLES)}|No|Nos))\.$", merged[-1]):
             merged[-1] = f"{merged[-1]} {part}"
         elif part:
             merged.append(part)
@@ -102,7 +121,7 @@ def _name_spans(sentence: str, taken: list[tuple[int, int]]) -> list[Span]:
             run.pop()
         while run and run[0][2].lower() in FUNCTION_WORDS:
             run.pop(0)
-        if run:
+        if run and not (len(run) == 1 and run[0][2] in TITLES):
             s, e = run[0][0], run[-1][1]
             if sentence[e - 2:e] in ("'s", "’s"):  # "Oreston's novel": the name is "Oreston"
                 e -= 2
@@ -113,7 +132,8 @@ def _name_spans(sentence: str, taken: list[tuple[int, int]]) -> list[Span]:
     prev_end = 0
     for start, end, word in words:
         gap = sentence[prev_end:start]
-        if run and (gap.strip() not in ("", "-", "&") or "," in gap):  # "Brisk & Pellow"
+        title = gap == ". " and run and run[-1][2] in TITLES  # "Prof. Cassius Wennerby"
+        if run and not title and (gap.strip() not in ("", "-", "&") or "," in gap):  # "Brisk & Pellow"
             close()
         if is_time_word(word):  # a time, on its own ("Every May X")
             close()
@@ -134,6 +154,10 @@ def fact_spans(sentence: str) -> list[Span]:
     """The sentence's fact spans, left to right, none overlapping."""
     found: list[Span] = []
     taken: list[tuple[int, int]] = []
+    for m in _QUOTED.finditer(sentence):
+        if len(m.group(1).split()) <= 8:
+            found.append(Span("title", m.start(1), m.end(1), m.group(1)))
+            taken.append((m.start(), m.end()))
     for kind, pattern in _PATTERNS:
         for m in pattern.finditer(sentence):
             if any(m.start() < e and s < m.end() for s, e in taken):
@@ -144,7 +168,8 @@ def fact_spans(sentence: str) -> list[Span]:
                                        unit.endswith("ly") or _LABEL_BEFORE.search(sentence[:m.start()])):
                 number = span.text.rsplit(None, 1)[0]  # "41 of the 90 seats": no unit
                 span = Span("number", span.start, span.start + len(number), number)
-            elif kind == "quantity" and (not span.text.endswith("s") or span.text.endswith(("ss", "us", "is"))):
+            elif kind == "quantity" and unit not in _CLOSED_UNITS and \
+                    (not span.text.endswith("s") or span.text.endswith(("ss", "us", "is"))):
                 # "410,000 seed samples", "14 new languages", "4,000 glass panes": the counted
                 # noun is the plural.
                 noun = PLURAL_AFTER.match(sentence, span.end)
@@ -153,7 +178,18 @@ def fact_spans(sentence: str) -> list[Span]:
             found.append(span)
             taken.append((span.start, span.end))
     names = [_as_time(_binomial(sentence, span)) for span in _name_spans(sentence, taken)]
+    names = [_labelled(sentence, span, found) for span in names]
     return sorted(found + _coordinated(sentence, names), key=lambda s: s.start)
+
+
+def _labelled(sentence: str, span: Span, found: list[Span]) -> Span:
+    """"Room 12": a label word and the number after it are one name (the number leaves `found`)."""
+    number = re.match(r" \d+[A-Z]?\b", sentence[span.end:])
+    if not number or not LABEL_NAME.fullmatch(span.text):
+        return span
+    end = span.end + number.end()
+    found[:] = [f for f in found if not (span.end < f.end and f.start < end)]
+    return Span("name", span.start, end, sentence[span.start:end])
 
 
 def _binomial(sentence: str, span: Span) -> Span:
