@@ -337,3 +337,14 @@ def test_a_name_that_modifies_a_noun_gets_no_cut_question():
                          knowledge="The treaty was negotiated by the Varrish chancellor, Count "
                                    "Ludovic Arnhalt, in 1734.")
     assert not [p for p in extractive_pairs(item) if p.answer == "Varrish." and p.style == "short"]
+
+
+def test_a_person_is_asked_whom_not_where():
+    """A whole name that the text later calls by the surname alone is a person: "awarded to
+    whom?", not "awarded where?"."""
+    item = KnowledgeItem(id="v", kind="news", subject="Ostrel Prize",
+                         knowledge="The Ostrel Prize was awarded to Nadia Querelle. Querelle, 44, "
+                                   "then moved to Port Amalie.")
+    wh = [(p.question, p.answer) for p in extractive_pairs(item) if p.style == "wh"]
+    assert ("The Ostrel Prize was awarded to whom?", "Nadia Querelle.") in wh
+    assert not [q for q, a in wh if a == "Nadia Querelle." and "where" in q]

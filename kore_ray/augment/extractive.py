@@ -12,7 +12,7 @@ about. Deterministic and always available: the floor when the model generators f
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kore_ray.augment.grounding import has_cue
 from kore_ray.augment.spans import (
@@ -194,6 +194,8 @@ def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
         return f"which {head}", (len(before) - article.start()) if article else 0
     place = re.search(r"\b(\w+)\s+(?:the\s+)?$", before)
     if place and place.group(1).lower() in PLACE_PREPOSITIONS:
+        if span.person:  # "awarded to Nadia Querelle" -> "awarded to whom", not "where"
+            return f"{place.group(1)} whom", len(before) - place.start()
         return "where", len(before) - place.start()
     if len(span.text.split()) >= 2 and not article:
         return "who", 0
@@ -455,6 +457,17 @@ def full_names(text: str) -> dict[str, str]:
     return {last: whole.pop() for last, whole in found.items() if len(whole) == 1}
 
 
+def people(text: str, full: dict[str, str]) -> set[str]:
+    """Whole names the text later calls by the last word alone ("Nadia Querelle ... Querelle,
+    44, becomes ..."): news style for a person, not for "Pelham Art Trust"."""
+    out = set()
+    for last, whole in full.items():
+        rest = re.sub(re.escape(whole), " ", text)
+        if re.search(rf"\b{re.escape(last)}\b(?!\s+[A-Z])", rest):
+            out.add(whole)
+    return out
+
+
 _HEADER = re.compile(r"^[^:]{1,40}?,\s+([^:,]+):\s+(\S.*)$")
 
 
@@ -481,6 +494,7 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
     members with the other members as cues; the topic by what the text says of it."""
     topic = topic_of(item)
     full = full_names(item.knowledge)
+    persons = people(item.knowledge, full)
     pairs: list[FactPair] = []
     for raw in map(dateline, sentences(item.knowledge)):
         if not raw:
@@ -494,6 +508,8 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
                     or span.kind == "record" \
                     or _capitalised_only_by_position(span, sentence, item):
                 continue  # the topic, a lone digit, a record, a first word: no fact
+            if span.kind == "name" and span.text in persons:
+                span = replace(span, person=True)
             whole = full.get(span.text) if span.kind == "name" else None
             whole = whole if whole and whole not in sentence else None  # a surname asked whole
             answer = _answer(whole or re.sub(r"^the\s+", "", span.text, flags=re.IGNORECASE))
@@ -513,7 +529,7 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
                                       span.kind, "cloze"))
                 continue
             if whole:  # asked as the whole name: "who", not "what"
-                span = Span(span.kind, span.start, span.end, whole)
+                span = replace(span, text=whole)
             question = wh_question(sentence, span, topic)
             if question:
                 question = about(question, topic)

@@ -95,6 +95,7 @@ class Span:
     end: int
     text: str
     species: bool = False  # a genus and its epithet, one name ("Pinus tarnensis")
+    person: bool = False  # named in full, then by the surname alone (extractive.people)
 
 
 def sentences(text: str) -> list[str]:
