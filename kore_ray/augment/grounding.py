@@ -31,13 +31,13 @@ from dataclasses import dataclass
 
 from kore_ray.augment.spans import (
     CAPITAL_UNITS,
-    WORD_UNIT,
     FUNCTION_WORDS,
     MONTHS,
     NAME_JOINERS,
     NUMBER_WORDS,
     PLURAL_AFTER,
     WEEKDAYS,
+    WORD_UNIT,
     is_time_word,
     sentences,
 )
@@ -200,8 +200,8 @@ def check_pair(question: str, answer: str, text: str) -> Verdict:
     # asked for starts: a number or month for "when"/"how many", a capitalised word for
     # "who"/"where", else the first new word. It runs on to the next question content word.
     kind = expected_kind(question)
-    clause = next(c for c in re.split(r"[;()]|(?<!\d):|:(?!\d)|,\s|\s[-–]\s", answer)  # not "10:00"
-                  if any(map(is_new, _tokens(c))))
+    clauses = re.split(r"[;()]|(?<!\d):|:(?!\d)|,\s|\s[-–]\s", answer)  # a colon, not "10:00"
+    clause = next(c for c in clauses if any(map(is_new, _tokens(c))))
     words = re.findall(r"\S+", clause)
     starts = [i for i, w in enumerate(words) if any(map(is_new, _tokens(w)))]
     if kind == "name":

@@ -29,8 +29,9 @@ _PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
     ("date", re.compile(rf"\b{_MONTH} \d{{4}}\b")),
     ("date", re.compile(rf"\b\d{{1,2}} {_MONTH}\b")),  # "on 1 November"
     # Any three-capital code before an amount is a currency ("NOK 2.84 billion", "SEK 3,790").
-    ("money", re.compile(rf"(?:(?:EUR|USD|GBP|CHF|JPY)\s?|\b[A-Z]{{3}}\s|[$€£¥]){_NUM}(?:\s(?:million|billion|"
-                         rf"thousand|trillion))?|\b{_NUM}(?:\s(?:million|billion|thousand))?\s"
+    ("money", re.compile(rf"(?:(?:EUR|USD|GBP|CHF|JPY)\s?|\b[A-Z]{{3}}\s|[$€£¥]){_NUM}"
+                         rf"(?:\s(?:million|billion|thousand|trillion))?|"
+                         rf"\b{_NUM}(?:\s(?:million|billion|thousand))?\s"
                          rf"(?:euros|dollars|pounds|francs|yen|crowns|credits)\b")),
     ("time", re.compile(r"\b\d{1,2}:\d{2}(?::\d{2})?\b")),
     # "512 x 318 x 64 mm", "61 x 48 cm": one size, not three numbers.
@@ -64,7 +65,8 @@ WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", 
 # unknown species"), and the words that make the number a label ("the number 29 shirt").
 _NOT_UNITS = frozenset("""is was are were has have had will would can could may might adds
 costs weighs says makes takes holds runs gets""".split())
-_LABELS = "number|no\\.|version|route|platform|gate|flight|chapter|article|section|bus|tram|room|hall|pier|berth|track|terminal|stand"
+_LABELS = ("number|no\\.|version|route|platform|gate|flight|chapter|article|section|bus|tram|"
+           "room|hall|pier|berth|track|terminal|stand")
 _LABEL_BEFORE = re.compile(rf"\b(?:{_LABELS})\s+$", re.IGNORECASE)
 # "Room 12", "Gate 7": the label and its number are one name ("on display in which room?").
 LABEL_NAME = re.compile(rf"(?:{_LABELS})", re.IGNORECASE)
@@ -75,7 +77,8 @@ _CLOSED_UNITS = frozenset("% percent cent min h hr s ms km m cm mm kg g mg t l m
 TITLES = frozenset("Dr Mr Mrs Ms Prof St Gen Col Capt Lt Sgt Rev Fr".split())
 # A quoted title of up to eight words ("'Girl with a Pewter Jug'", "\"Loads and Margins\""):
 # one answer, not one name per capitalised run. Quoted speech has punctuation inside, a title not.
-_QUOTED = re.compile(r"(?:(?<=[\s(])|^)['\"“‘]((?:[Tt]he\s)?[A-Z][^'\"“”‘’,.!?;:]{0,60}?)['\"”’](?=[\s,.;:)!?]|$)")
+_QUOTED = re.compile(r"(?:(?<=[\s(])|^)['\"“‘]((?:[Tt]he\s)?[A-Z][^'\"“”‘’,.!?;:]{0,60}?)"
+                     r"['\"”’](?=[\s,.;:)!?]|$)")
 # A species' name is its genus and its lower-case epithet ("the reed Typhalis orvana", "(Pinus
 # tarnensis)"): the genus alone taught "Pyrrhula." for "where does the ember finch live?".
 _EPITHET = re.compile(r" ([a-z]{3,}(?:ae|i|us|um|a|is|ens|ans|ax|ix|ex|ops))\b")
@@ -105,7 +108,8 @@ def sentences(text: str) -> list[str]:
     for part in parts:
         # "Dr. Orrow" / "J. Talvary": a one-letter or title word before the stop is no end.
         # Not after a unit letter ("maximum draw 1,850 W. Eleven power levels.").
-        if merged and re.search(rf"(?:(?<!\d\s)\b[A-Z]|\b(?:{'|'.join(TITLES)}|No|Nos))\.$", merged[-1]):
+        if merged and re.search(rf"(?:(?<!\d\s)\b[A-Z]|\b(?:{'|'.join(TITLES)}|No|Nos))\.$",
+                                merged[-1]):
             merged[-1] = f"{merged[-1]} {part}"
         elif part:
             merged.append(part)
@@ -134,7 +138,8 @@ def _name_spans(sentence: str, taken: list[tuple[int, int]]) -> list[Span]:
     for start, end, word in words:
         gap = sentence[prev_end:start]
         title = gap == ". " and run and run[-1][2] in TITLES  # "Prof. Cassius Wennerby"
-        if run and not title and (gap.strip() not in ("", "-", "&") or "," in gap):  # "Brisk & Pellow"
+        # A gap other than a space, "-" or "&" ("Brisk & Pellow") ends the name.
+        if run and not title and (gap.strip() not in ("", "-", "&") or "," in gap):
             close()
         if is_time_word(word):  # a time, on its own ("Every May X")
             close()
