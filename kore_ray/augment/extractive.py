@@ -167,9 +167,9 @@ def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
             return f"how many {' '.join(w for w in span.text.split()[1:] if w not in _SCALES)}", 0
         return "how many", 0
     # A name: "the astronomer X" -> "which astronomer"; "called X" -> "called what".
-    label = LABEL_NAME.match(span.text)
-    if span.kind == "name" and label and span.text[label.end():].strip().isdigit():
-        return f"which {label.group().lower()}", 0  # "in Room 12" -> "in which room"
+    label = LABEL_NAME.fullmatch(span.text)
+    if span.kind == "name" and label:
+        return f"which {label.group(1).lower()}", 0  # "in Room 12" -> "in which room"
     if span.kind == "title":  # "the album 'Marrow Lanterns'" -> "which album"; else "what"
         noun = re.search(r"\b(?:[Tt]he|[Aa]n?)\s+([a-z]+),?\s+$", before)
         return (f"which {noun.group(1)}", len(before) - noun.start()) if noun else ("what", 0)

@@ -69,7 +69,7 @@ _LABELS = ("number|no\\.|version|route|platform|gate|flight|chapter|article|sect
            "room|hall|pier|berth|track|terminal|stand")
 _LABEL_BEFORE = re.compile(rf"\b(?:{_LABELS})\s+$", re.IGNORECASE)
 # "Room 12", "Gate 7": the label and its number are one name ("on display in which room?").
-LABEL_NAME = re.compile(rf"(?:{_LABELS})", re.IGNORECASE)
+LABEL_NAME = re.compile(rf"({_LABELS}) \d+[A-Z]?", re.IGNORECASE)
 # Unit abbreviations and percentages end a quantity: "12 min thanks", "40 percent comes" are no
 # "counted nouns" ("410,000 seed samples" is).
 _CLOSED_UNITS = frozenset("% percent cent min h hr s ms km m cm mm kg g mg t l ml ha mph".split())
@@ -190,10 +190,10 @@ def fact_spans(sentence: str) -> list[Span]:
 
 def _labelled(sentence: str, span: Span, found: list[Span]) -> Span:
     """"Room 12": a label word and the number after it are one name (the number leaves `found`)."""
-    number = re.match(r" \d+[A-Z]?\b", sentence[span.end:])
-    if not number or not LABEL_NAME.fullmatch(span.text):
+    label = LABEL_NAME.match(sentence, span.start)
+    if not label or label.end(1) != span.end or re.match(r"\w", sentence[label.end():]):
         return span
-    end = span.end + number.end()
+    end = label.end()
     found[:] = [f for f in found if not (span.end < f.end and f.start < end)]
     return Span("name", span.start, end, sentence[span.start:end])
 
