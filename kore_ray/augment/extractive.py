@@ -170,11 +170,10 @@ def _wh_phrase(span: Span, before: str) -> tuple[str, int]:
     label = LABEL_NAME.fullmatch(span.text)
     if span.kind == "name" and label:
         return f"which {label.group(1).lower()}", 0  # "in Room 12" -> "in which room"
-    if span.kind == "title":  # "the album 'Marrow Lanterns'" -> "which album"; else "what"
-        noun = re.search(r"\b(?:[Tt]he|[Aa]n?)\s+([a-z]+),?\s+$", before)
-        return (f"which {noun.group(1)}", len(before) - noun.start()) if noun else ("what", 0)
-    if span.species:  # "the reed Typhalis orvana" -> "which reed"
-        noun = re.search(r"\b[Tt]he\s+([a-z-]+),?\s+$", before)
+    if span.kind == "title" or span.species:  # "the album 'Marrow Lanterns'" -> "which album",
+        # "the reed Typhalis orvana" -> "which reed" (a species after "the" only); else "what"
+        article = r"[Tt]he|[Aa]n?" if span.kind == "title" else r"[Tt]he"
+        noun = re.search(rf"\b(?:{article})\s+([a-z-]+),?\s+$", before)
         return (f"which {noun.group(1)}", len(before) - noun.start()) if noun else ("what", 0)
     if _CALLED.search(before):
         return "what", 0

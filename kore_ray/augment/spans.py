@@ -184,18 +184,18 @@ def fact_spans(sentence: str) -> list[Span]:
             found.append(span)
             taken.append((span.start, span.end))
     names = [_as_time(_binomial(sentence, span)) for span in _name_spans(sentence, taken)]
-    names = [_labelled(sentence, span, found) for span in names]
+    names = [_labelled(sentence, span) for span in names]
+    # A name now holding a number ("Room 12") takes it out of the other spans.
+    found = [f for f in found if not any(f.start < n.end and n.start < f.end for n in names)]
     return sorted(found + _coordinated(sentence, names), key=lambda s: s.start)
 
 
-def _labelled(sentence: str, span: Span, found: list[Span]) -> Span:
-    """"Room 12": a label word and the number after it are one name (the number leaves `found`)."""
+def _labelled(sentence: str, span: Span) -> Span:
+    """"Room 12": a label word and the number after it are one name."""
     label = LABEL_NAME.match(sentence, span.start)
     if not label or label.end(1) != span.end or re.match(r"\w", sentence[label.end():]):
         return span
-    end = label.end()
-    found[:] = [f for f in found if not (span.end < f.end and f.start < end)]
-    return Span("name", span.start, end, sentence[span.start:end])
+    return Span("name", span.start, label.end(), sentence[span.start:label.end()])
 
 
 def _binomial(sentence: str, span: Span) -> Span:
