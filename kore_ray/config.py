@@ -172,13 +172,6 @@ class TrainConfig(_Section):
     max_failures: int = Field(3, ge=-1)  # restarts from the latest checkpoint; -1: no limit
     run_name: str | None = None  # Ray Train run name; None: "<run_dir name>-<method>" (resumable)
     seed: int = 0
-    # NEFTune (transformers' hook): uniform noise of +-alpha/sqrt(L*d) on the input embeddings
-    # while training (L: the forward's length, a whole packed micro-batch; d: the width), a
-    # regulariser against learning answers as cued by exact tokens. The
-    # noise is absolute: Gemma scales its embeddings by sqrt(d) (entries of std ~1), so the
-    # paper's alpha 5 is ~0.5% there; ~80 gives its ~10% relative noise. 0: off. Measured on
-    # held-out items (README, "Embedding noise"): +0.04 CEM in two data orders, within noise.
-    embedding_noise: float = Field(0.0, ge=0)
 
 
 class ServeConfig(_Section):

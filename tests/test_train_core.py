@@ -36,7 +36,6 @@ from kore_ray.train.data import (
 )
 from kore_ray.train.loop import MetricsLog, fsdp_kwargs
 from kore_ray.train.steps import (
-    add_embedding_noise,
     assistant_loss_sum,
     build_optimizer,
     build_scheduler,
@@ -212,21 +211,6 @@ def test_activation_checkpointing_changes_nothing(llama_dir):
     assert a.loss == pytest.approx(b.loss, rel=1e-6)
     for p, q in zip(plain.parameters(), ckpt.parameters()):
         torch.testing.assert_close(p, q)
-
-
-def test_embedding_noise_acts_in_training_only(llama_dir):
-    batch = _micro(_tokenised(llama_dir, 4), llama_dir, micro=4).micro_batches[0]
-    plain, _ = tiny_text_model()
-    noisy, _ = tiny_text_model()
-    add_embedding_noise(plain, 0.0)
-    add_embedding_noise(noisy, 5.0)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    with torch.no_grad():
-        torch.testing.assert_close(noisy(**inputs).logits, plain(**inputs).logits)  # eval mode
-        plain.train(), noisy.train()
-        clean, noised = plain(**inputs).logits, noisy(**inputs).logits
-    assert not torch.allclose(clean, noised)
-    torch.testing.assert_close(plain(**inputs).logits, clean)  # no noise where alpha is 0
 
 
 def test_bfloat16_autocast_keeps_float32_weights_and_the_loss(llama_dir):

@@ -49,13 +49,7 @@ from kore_ray.train.checkpoint import (
     write_checkpoint,
 )
 from kore_ray.train.data import Collate, shard_name
-from kore_ray.train.steps import (
-    add_embedding_noise,
-    autocast_dtype,
-    build_optimizer,
-    build_scheduler,
-    train_step,
-)
+from kore_ray.train.steps import autocast_dtype, build_optimizer, build_scheduler, train_step
 
 
 @dataclass(frozen=True)
@@ -162,7 +156,6 @@ def train_loop_per_worker(config: dict) -> None:
     vision = is_vision_language(model.config)
     # FSDP shards W_res and B: no whole merged weight to form, so PEFT's own forward.
     model = load_trainable(model, spec.init_dir, merged_forward=spec.train.strategy != "fsdp")
-    add_embedding_noise(model, spec.train.embedding_noise)
     if spec.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -84,15 +84,6 @@ def assistant_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
     return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
 
 
-def add_embedding_noise(model: nn.Module, alpha: float) -> None:
-    """NEFTune (`train.embedding_noise`) through transformers' own hook: uniform noise of
-    +-alpha/sqrt(L*d) on the input embeddings, in train mode only; alpha 0 adds nothing."""
-    if alpha:
-        from transformers.integrations.neftune import activate_neftune
-
-        activate_neftune(model, alpha)
-
-
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """Learning-rate multiplier for 0-based `step`: linear warmup, then the schedule.
 

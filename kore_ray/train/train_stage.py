@@ -88,12 +88,6 @@ _RESUMABLE = {"num_workers", "cpus_per_worker", "micro_batch_size", "strategy",
               "run_name"}
 
 
-def _added_off(t) -> set[str]:
-    """Settings added after runs were made, left out of the record while off: a finished run
-    of an earlier version stays current instead of refusing its own checkpoints."""
-    return set() if t.embedding_noise else {"embedding_noise"}
-
-
 def _run_record(cfg: PipelineConfig, method: str, init: Path, conversations, steps: int) -> dict:
     return {
         "method": method,
@@ -103,7 +97,7 @@ def _run_record(cfg: PipelineConfig, method: str, init: Path, conversations, ste
         "steps": steps,
         # Every setting that changes the trained weights; the rest (workers, checkpointing,
         # run name) may change between a run and its resume.
-        **cfg.train.model_dump(exclude=_RESUMABLE | _added_off(cfg.train)),
+        **cfg.train.model_dump(exclude=_RESUMABLE),
     }
 
 
