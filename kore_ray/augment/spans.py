@@ -185,7 +185,7 @@ def fact_spans(sentence: str) -> list[Span]:
             taken.append((span.start, span.end))
     names = [_as_time(_binomial(sentence, span)) for span in _name_spans(sentence, taken)]
     names = [_labelled(sentence, span) for span in names]
-    # A name now holding a number ("Room 12") takes it out of the other spans.
+    # Spans never overlap: a span inside a name (the number of "Room 12") leaves the others.
     found = [f for f in found if not any(f.start < n.end and n.start < f.end for n in names)]
     return sorted(found + _coordinated(sentence, names), key=lambda s: s.start)
 
