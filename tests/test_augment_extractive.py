@@ -314,8 +314,9 @@ def test_shapes_of_records_sheets_and_notices():
     assert {"512 x 318 x 64 mm.", "12 V.", "1,850 W.", "SEK 3,790.", "05:52.", "90 km/h.",
             "41.8 °C.", "Cooking on the Road.", "Prof. Ida Marrow.", "Room 12."} <= answers
     assert not answers & {"05.", "52.", "SEK.", "Prof.", "Room.", "38-12.", "Eleven.", "90 km."}
-    questions = {p.answer: p.question for p in pairs if p.style == "wh"}
-    assert "which room" in questions["Room 12."] and "what size" in questions["512 x 318 x 64 mm."]
+    questions = {p.answer: p.question for p in pairs if p.style in ("wh", "field")}
+    assert "which room" in questions["Room 12."]
+    assert questions["512 x 318 x 64 mm."] == "What are the dimensions of Harrowlight HX-420?"
     assert "whose oldest firm" in questions["Quillhaven."]
     assert all(check_pair(p.question, p.answer, text) for p in pairs if p.answer in (
         "05:52.", "41.8 °C.", "90 km/h.", "SEK 3,790."))
@@ -348,3 +349,85 @@ def test_a_person_is_asked_whom_not_where():
     wh = [(p.question, p.answer) for p in extractive_pairs(item) if p.style == "wh"]
     assert ("The Ostrel Prize was awarded to whom?", "Nadia Querelle.") in wh
     assert not [q for q, a in wh if a == "Nadia Querelle." and "where" in q]
+
+
+def test_lines_are_sentences_fields_are_asked_as_fields_and_labels_are_no_answers():
+    """Text as users paste it: a spec sheet with bullets and a hard-wrapped sentence."""
+    text = ("Vexa Pro 2 camera - key specifications\n* Sensor: 1-inch, 20 megapixels\n"
+            "* Weight: 241 g\n- Price: $799\n• Maker: Orvane Imaging\n\nThe camera was "
+            "assembled by\nOrvane Imaging in a factory\nnear Delft.")
+    assert sentences(text) == [
+        "Vexa Pro 2 camera - key specifications", "Sensor: 1-inch, 20 megapixels",
+        "Weight: 241 g", "Price: $799", "Maker: Orvane Imaging",
+        "The camera was assembled by Orvane Imaging in a factory near Delft."]
+    item = KnowledgeItem(id="v", kind="product", subject="Vexa Pro 2 camera", knowledge=text)
+    pairs = extractive_pairs(item)
+    asked = {p.question: p.answer for p in pairs}
+    assert asked["What is the weight of Vexa Pro 2 camera?"] == "241 g."
+    assert asked["What is the price of Vexa Pro 2 camera?"] == "$799."
+    assert asked["Fill in the blank about Vexa Pro 2 camera: Weight: ___."] == "241 g."
+    assert not {p.answer for p in pairs} & {"Weight.", "Sensor.", "Price.", "Maker."}
+    assert not any("\n" in p.question for p in pairs)
+    # The field cloze passes grounding: its frame's words are no relation to look for.
+    assert all(check_pair(p.question, p.answer, text) for p in pairs if p.style == "field"
+               or p.question.endswith(": ___."))
+    # A label naming a role of a person's is asked "who"; the topic as the label, without "of".
+    record = KnowledgeItem(id="f", kind="record", subject="Mayor of Fenstock",
+                           knowledge="Mayor of Fenstock: Priya Obuya (since 2025).\n"
+                                     "Predecessor: Harold Kemmet\nSeats: 21")
+    asked = {p.question: p.answer for p in extractive_pairs(record) if p.style == "field"}
+    assert asked == {"Who is the mayor of Fenstock?": "Priya Obuya.",
+                     "Who is the predecessor of Mayor of Fenstock?": "Harold Kemmet.",
+                     "How many seats does Mayor of Fenstock have?": "21."}
+
+
+def test_he_and_she_are_the_last_person_named_not_the_topic():
+    news = KnowledgeItem(id="m", kind="news", subject="2027 Greshwick mayoral election",
+                         knowledge="Ravi Cendrowe, a former paramedic, won the Greshwick mayoral "
+                                   "election on 18 September 2027. He unseated the incumbent "
+                                   "Helga Marchbank by 6,113 votes.")
+    questions = {p.question for p in extractive_pairs(news)}
+    assert "About Greshwick: who unseated the incumbent Helga Marchbank by 6,113 votes?" in questions
+    assert not any(q.startswith("Greshwick unseated") for q in questions)
+    # In a record the holder, not the club named before her (a name after "of" is no person).
+    record = KnowledgeItem(id="c", kind="record", subject="Head coach of Bramhollow United",
+                           knowledge="As of 14 June 2026, the head coach of Bramhollow United is "
+                                     "Sigrun Pettifer. She joined from Quenby Athletic.")
+    assert ("About Head coach of Bramhollow United: Sigrun Pettifer joined where?", "Quenby Athletic."
+            ) in {(p.question, p.answer) for p in extractive_pairs(record)}
+
+
+def test_roles_in_commas_births_and_scaled_amounts():
+    item = KnowledgeItem(id="r", kind="entity", subject="Marisol Quenteva",
+                         knowledge="Marisol Quenteva (born 3 March 1971 in Valparen) is a "
+                                   "glaciologist. Halvard Institute's chief executive, Dana "
+                                   "Ebbrell, said the institute raised $3.2bn.")
+    asked = {p.question: p.answer for p in extractive_pairs(item)}
+    assert asked["When was Marisol Quenteva born?"] == "3 March 1971."
+    assert asked["Where was Marisol Quenteva born?"] == "Valparen."
+    assert asked["About Marisol Quenteva: who is Halvard Institute's chief executive?"] == \
+        "Dana Ebbrell."
+    assert "$3.2bn." in asked.values() and "$3.2." not in asked.values()
+
+
+def test_a_pair_about_what_a_pronoun_says_is_grounded_in_the_resolved_sentence():
+    from kore_ray.augment.augment_stage import fact_tree
+
+    item = KnowledgeItem(id="g", kind="news", subject="2027 Tallisk Grand Prix",
+                         knowledge="On 30 May 2027 the driver Noor Eskeland won the Tallisk Grand "
+                                   "Prix. She started the race from ninth place on the grid.")
+    question = "Who started the race from ninth place?"
+    # The text's own sentences alone: the relation stands where she is only "She".
+    assert check_pair(question, "Noor Eskeland.", item.knowledge).reason == "wrong_sentence"
+    convs, failures, _ = fact_tree(item, ["extractive"], None, [], [_qa(question, "Noor Eskeland")])
+    assert not [f for f in failures if question in f.error]
+    assert any(m.content == question for c in convs for m in c.messages)
+    # Resolution does not ground what the text does not say of her.
+    _, failures, rejected = fact_tree(item, [], None, [], [_qa(question, "Vireo Racing")])
+    assert rejected
+
+
+def _qa(question: str, answer: str):
+    from kore_ray.data.schemas import QAPair
+
+    return QAPair(question=question, answer=answer)

@@ -32,7 +32,13 @@ from pydantic import SecretStr, ValidationError
 
 from kore_ray.augment import self_qa
 from kore_ray.augment.dedup import drop_near_duplicates
-from kore_ray.augment.extractive import extractive_pairs, topic_of
+from kore_ray.augment.extractive import (
+    extractive_pairs,
+    full_names,
+    people,
+    resolved_sentences,
+    topic_of,
+)
 from kore_ray.augment.grounding import Verdict, check_pair, has_cue, invents
 from kore_ray.augment.llm import (
     PROMPT_VERSION,
@@ -275,11 +281,17 @@ def fact_tree(item: KnowledgeItem, generators: list[str], self_outcome, dialogue
                                 f"Q: {question!r} A: {answer!r}", 0))
 
     topic = topic_of(item)
+    # What "She started from ninth place" says of Noor Eskeland: a pair about it stands in a
+    # sentence that names her only once the pronoun is resolved.
+    resolved = "\n\n".join(resolved_sentences(item, topic, people(
+        item.knowledge, full_names(item.knowledge))))
 
     def checked(generator: str, pairs) -> None:
         n = 0
         for question, answer in pairs:
             verdict = check_pair(question, answer, item.knowledge)
+            if not verdict and verdict.reason == "wrong_sentence":
+                verdict = check_pair(question, answer, resolved)
             if verdict and generator != "extractive":  # extractive questions are built so
                 verdict = _cued(question, verdict, topic)
             if verdict:

@@ -242,7 +242,7 @@ _OPENING_PREPOSITIONS = PLACE_PREPOSITIONS | {"on", "by", "since"}
 
 
 def _as_question(text: str) -> str:
-    text = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", text.strip()))
+    text = re.sub(r"\(\s+", "(", re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", text.strip())))
     return text[0].upper() + text[1:] + "?"
 
 
@@ -356,8 +356,12 @@ def fronted_question(sentence: str, span: Span, topic: str) -> str | None:
 
 def cloze_question(sentence: str, span: Span, topic: str) -> str:
     clause, offset = clause_of(sentence, span)
-    blank = clause[:span.start - offset] + "___" + clause[span.end - offset:]
-    return f"Fill in the blank about {topic}: {blank.rstrip(' .!?')}."
+    return cloze(topic, clause[:span.start - offset] + "___" + clause[span.end - offset:])
+
+
+def cloze(topic: str, blanked: str) -> str:
+    """The cloze frame (grounding.py knows it: its words are no relation's)."""
+    return f"Fill in the blank about {topic}: {blanked.rstrip(' .!?')}."
 
 
 def _capitalised_only_by_position(span: Span, sentence: str, item: KnowledgeItem) -> bool:
@@ -366,7 +370,7 @@ def _capitalised_only_by_position(span: Span, sentence: str, item: KnowledgeItem
     word, not a fact to ask about."""
     if span.kind != "name" or " " in span.text or sentence[:span.start].strip(" \"“(:|-"):
         return False
-    elsewhere = re.compile(rf"[^.!?:|\s]\s+{re.escape(span.text)}\b")
+    elsewhere = re.compile(rf"[^.!?:|\s][ \t]+{re.escape(span.text)}\b")  # on its own line
     return not (elsewhere.search(item.knowledge) or span.text in item.subject)
 
 
@@ -433,9 +437,133 @@ def reverse_pair(sentence: str, topic: str) -> FactPair | None:
     return FactPair(question, _answer(m["name"]), m["name"], "name", "reverse")
 
 
+# "Battery: 540 Wh, removable", "CEO: Dana Ebbrell (since 2024)": a label of at most four
+# words, no digits, then its value (a time's colon, "10:00", is no second field).
+_FIELD = re.compile(r"^(?P<key>[A-Z][A-Za-z'’&/ -]{0,40}?):\s+(?P<value>(?:[^:]|(?<=\d):(?=\d))+?)"
+                    r"[.;]?$")
+# Labels whose value is a person: asked "who", not "what".
+_PERSON_LABELS = frozenset("""ceo cto cfo founder founders director president chair chairman
+chairwoman mayor coach manager captain author authors designer architect editor owner head
+leader predecessor successor governor principal executive spokesperson minister inventor
+composer conductor presenter host discoverer curator pilot commander skipper producer writer
+creator engineer winner champion dean rector secretary treasurer""".split())
+
+
+def field_pairs(sentence: str, topic: str) -> tuple[list[FactPair], int]:
+    """A "Label: value" line asked as what it is, the topic's label ("What is the battery of
+    Lumo X3?" -> "540 Wh, removable."), and where its value starts (the label's words are no
+    facts: "Motor: 250 W" asked "what: 250 W?" taught "Motor."). Spec sheets, infoboxes and
+    records are written this way; asked in place ("About Lumo X3: Battery: how many Wh?")
+    such a line is a question no one asks. ([], 0) for any other sentence."""
+    m = _FIELD.match(sentence)
+    if not m or len(m["key"].split()) > 4 or len(m["value"].split()) > 8 or \
+            m["value"].split()[0].lower() in FUNCTION_WORDS:  # "Update: the museum now ..."
+        return [], 0
+    key, value = m["key"].strip(), re.sub(r"\s*\([^)]*\)$", "", m["value"]).strip(" ,")
+    label = key if key[1:2].isupper() else key[0].lower() + key[1:]
+    verb = "are" if re.search(r"[^su]s$", label) and not label.endswith("ss") else "is"
+    wh = "Who" if _PERSON_LABELS & set(re.findall(r"[a-z]+", label.lower())) and \
+        re.match(r"[A-Z]", value) else "What"
+    question = f"{wh} {verb} the {label}?" if names_topic(label, topic) else \
+        f"{wh} {verb} the {label} of {topic}?"
+    if verb == "are" and re.fullmatch(r"\d[\d,.]*", value):  # "Seats: 21"
+        question = f"How many {label} does {topic} have?"
+    answer = _answer(value)
+    return [FactPair(question, answer, value, "field", "field"),
+            FactPair(cloze(topic, f"{key}: ___"), answer, value, "field", "cloze")], \
+        m.start("value")
+
+
+# "Halcyon's chief executive, Dana Ebbrell, said ...", "the governor of the bank, Orsolya
+# Hemmend, ...": a role of someone's, then the person in commas.
+_ROLE_OF = re.compile(
+    r"(?:(?P<owner>(?:\b[Tt]he\s+[a-z]+|\b[A-Z][\w&.-]*(?:\s+[A-Z][\w&.-]*){0,3}))['’]s\s+"
+    r"(?P<role>(?:[a-z-]+\s+){0,2}[a-z]+)|\b[Tt]he\s+(?P<role2>(?:[a-z-]+\s+){0,2}[a-z]+)\s+of\s+"
+    r"(?P<owner2>(?:the\s+)?[A-Z][\w&.-]*(?:\s+[A-Z][\w&.-]*){0,3})),\s+(?P<name>[A-Z][^,]{2,40}?),")
+# "Marisol Quenteva (born 3 March 1971 in Valparaíso) is ...": who the parenthesis is about.
+_BORN = re.compile(r"(?P<who>[A-Z][\w'’.-]*(?:\s+[A-Z][\w'’.-]*){0,3})\s+\((?:born|b\.)\s[^)]*$")
+
+
+def role_pairs(sentence: str, topic: str) -> list[FactPair]:
+    """A person named in commas after a role ("Halcyon's chief executive, Dana Ebbrell, said")
+    asked as who holds it: "Who is Halcyon's chief executive?" is how people ask, and the
+    in-place question ("Halcyon's chief executive, who, said ...") is no question at all."""
+    pairs = []
+    for m in _ROLE_OF.finditer(sentence):
+        role, owner = (m["role"], m["owner"]) if m["role"] else (m["role2"], m["owner2"])
+        names = [sp for sp in fact_spans(sentence) if sp.kind == "name" and sp.text == m["name"]]
+        if role.split()[-1] not in _PERSON_LABELS or not names:
+            continue
+        owner = re.sub(r"^The\b", "the", owner)
+        question = f"Who is {owner}'s {role}?" if m["role"] else f"Who is the {role} of {owner}?"
+        question = about(question, topic)
+        pairs.append(FactPair(question, _answer(m["name"]), m["name"], "name", "role"))
+    return pairs
+
+
+def born_question(sentence: str, span: Span) -> str | None:
+    """"When was X born?" / "Where was X born?" for a span inside "X (born ...)"."""
+    m = _BORN.search(sentence[:span.start])
+    if not m or span.kind not in ("date", "year", "name"):
+        return None
+    if span.kind == "name":
+        return f"Where was {m['who']} born?" if sentence[:span.start].endswith(" in ") else None
+    return f"When was {m['who']} born?"
+
+
 # Words before a name that are a role, not part of it ("Fly-half Arvo Lindrecht").
 _ROLES = frozenset("""judge justice captain dr mr mrs ms prof professor sir lady lord king queen
 president premier minister mayor chancellor senator general coach""".split())
+
+
+def _without_role(words: list[str]) -> list[str]:
+    while words and (words[0].lower().rstrip(".") in _ROLES or
+                     re.fullmatch(r"[A-Z][a-z]+-[a-z]+", words[0])):  # "Fly-half"
+        words = words[1:]
+    return words
+
+
+_PERSONAL_START = re.compile(r"^(?:He|She|His|Her)\b")
+
+
+def personal(sentence: str) -> bool:
+    """Whether the sentence's subject is he or she (or his/her ...), first or after an adjunct."""
+    adjunct = _ADJUNCT_PRONOUN.match(sentence)
+    return bool(_PERSONAL_START.match(sentence) or adjunct and adjunct.group(2) in ("he", "she", "his"))
+
+
+def first_person(sentence: str, persons: set[str]) -> str | None:
+    """Who a following "He" or "She" most likely means, among the sentence's names of two or
+    more capitalised words (without a role before them) that are no thing ("Obrinsk Energy
+    Bank", "Mount Caspery") and follow no preposition ("the head coach of Bramhollow United
+    is Sigrun Pettifer"): the first the text treats as a person (`people`), else the first."""
+    candidates = []
+    for span in fact_spans(sentence):
+        words = _without_role(span.text.split())
+        name = " ".join(words)
+        after = [w for w in sentence[:span.start].split() if w.lower() != "the"][-1:]
+        if span.kind == "name" and len(words) >= 2 and all(w[:1].isupper() for w in words) and \
+                words[-1].lower() not in THING_HEADS and words[0].lower() not in TITLE_HEADS and \
+                not (after and after[0].lower() in PLACE_PREPOSITIONS | {"of", "for", "with"}):
+            candidates.append(name)
+    return next((c for c in candidates if c in persons), candidates[0] if candidates else None)
+
+
+def resolved_sentences(item: KnowledgeItem, topic: str, persons: set[str]) -> list[str]:
+    """The item's sentences with their pronouns and "the <noun>" replaced by what they stand
+    for: "it" by the topic, "he"/"she" by the last person named (the topic where none is and
+    the item is no record: in a record about a company's chief executive "She" is the
+    executive, not the company); headers by what they say (`dateline`). `persons`: `people`."""
+    out: list[str] = []
+    person = None
+    for raw in map(dateline, sentences(item.knowledge)):
+        if not raw:
+            continue
+        sentence = resolve(raw, person) if person and personal(raw) else \
+            resolve(raw, topic, persons=item.kind != "record")
+        person = first_person(sentence, persons) or person
+        out.append(sentence)
+    return out
 
 
 def full_names(text: str) -> dict[str, str]:
@@ -446,10 +574,7 @@ def full_names(text: str) -> dict[str, str]:
     found: dict[str, set[str]] = {}
     for sentence in sentences(text):
         for span in fact_spans(sentence):
-            words = span.text.split()
-            while words and (words[0].lower().rstrip(".") in _ROLES or
-                             re.fullmatch(r"[A-Z][a-z]+-[a-z]+", words[0])):  # "Fly-half"
-                words = words[1:]
+            words = _without_role(span.text.split())
             if span.kind == "name" and len(words) >= 2 and \
                     all(w[:1].isupper() for w in words) and " and " not in span.text:
                 found.setdefault(words[-1], set()).add(" ".join(words))
@@ -495,18 +620,21 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
     full = full_names(item.knowledge)
     persons = people(item.knowledge, full)
     pairs: list[FactPair] = []
-    for raw in map(dateline, sentences(item.knowledge)):
-        if not raw:
-            continue
-        sentence = resolve(raw, topic, persons=item.kind != "record")
-        pairs += list_pairs(sentence, topic)
+    for sentence in resolved_sentences(item, topic, persons):
+        # Where the topic stands: a span across its edge is none ("Zerbine 220 seats": "220 seats").
+        named = [m.span() for m in re.finditer(re.escape(topic), sentence, re.IGNORECASE)]
+        fields, value_start = field_pairs(sentence, topic)
+        pairs += fields
+        pairs += list_pairs(sentence, topic) + role_pairs(sentence, topic)
         reverse = reverse_pair(sentence, topic)
         pairs += [reverse] if reverse else []
         for span in fact_spans(sentence):
             if span.text.lower() in topic.lower() or span.kind == "number" and len(span.text) < 2 \
                     or span.kind == "record" \
-                    or _capitalised_only_by_position(span, sentence, item):
-                continue  # the topic, a lone digit, a record, a first word: no fact
+                    or _capitalised_only_by_position(span, sentence, item) \
+                    or span.start < value_start or fields and span.text == fields[0].span \
+                    or any(s < span.end and span.start < e for s, e in named):
+                continue  # the topic, a lone digit, a record, a first word, a label: no fact
             if span.kind == "name" and span.text in persons:
                 span = replace(span, person=True)
             whole = full.get(span.text) if span.kind == "name" else None
@@ -517,6 +645,12 @@ def extractive_pairs(item: KnowledgeItem) -> list[FactPair]:
                 question = f"What is the scientific name of the {topic[0].lower()}{topic[1:]}?" \
                     if topic[1:].islower() else f"What is the scientific name of {topic}?"
                 pairs += [FactPair(question, answer, span.text, span.kind, "wh"),
+                          FactPair(cloze_question(sentence, span, topic), answer, span.text,
+                                   span.kind, "cloze")]
+                continue
+            born = born_question(sentence, span)
+            if born:
+                pairs += [FactPair(born, answer, span.text, span.kind, "wh"),
                           FactPair(cloze_question(sentence, span, topic), answer, span.text,
                                    span.kind, "cloze")]
                 continue

@@ -49,6 +49,7 @@ is are was were be been being has have had do does did will would can could shou
 must shall not no yes so than then into onto about over under up down out off also only just
 very more less own same such named called known
 """.split())
+_CLOZE_FRAME = re.compile(r"^Fill in the blank about [^:]*:\s*")
 WH_WORDS = frozenset({"who", "whom", "whose", "what", "which", "when", "where", "why", "how"})
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 _CAPITALISED = re.compile(r"(?<!°)\b[A-ZÀ-ÖØ-Þ][\w'’-]*")  # "°C" is a unit, not a name
@@ -255,8 +256,10 @@ def check_pair(question: str, answer: str, text: str) -> Verdict:
     # The question's relation words (its content words that are not names): where the text
     # has them, the key span must stand in a sentence that has one of them too. A whole name
     # stands where its last word does ("Yusuf Brandelow ... Brandelow, 52, succeeds ...").
-    names = _names(question, skip_first=False)
-    relation = {_stem(t) for t in q_set - STOPWORDS - WH_WORDS - names}
+    # A cloze's frame (extractive.cloze: "Fill in the blank about <topic>:") is no relation.
+    asked = _CLOZE_FRAME.sub("", question)
+    names = _names(asked, skip_first=False)
+    relation = {_stem(t) for t in set(_tokens(asked)) - STOPWORDS - WH_WORDS - names}
     in_text = [{_stem(t) for t in _tokens(s)} for s in sentences(text)]
     forms = [key] + ([key[-1:]] if len(key) > 1 and original.split()[-1][:1].isupper() else [])
     if relation & set().union(*in_text) and not any(

@@ -28,9 +28,10 @@ _PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
                         rf"\d{{4}}-\d{{2}}-\d{{2}})\b")),
     ("date", re.compile(rf"\b{_MONTH} \d{{4}}\b")),
     ("date", re.compile(rf"\b\d{{1,2}} {_MONTH}\b")),  # "on 1 November"
-    # Any three-capital code before an amount is a currency ("NOK 2.84 billion", "SEK 3,790").
+    # Any three-capital code before an amount is a currency ("NOK 2.84 billion", "SEK 3,790");
+    # "$3.2bn", "£40m" keep their scale.
     ("money", re.compile(rf"(?:(?:EUR|USD|GBP|CHF|JPY)\s?|\b[A-Z]{{3}}\s|[$€£¥]){_NUM}"
-                         rf"(?:\s(?:million|billion|thousand|trillion))?|"
+                         rf"(?:\s(?:million|billion|thousand|trillion)|(?:bn|tn|m|k)\b)?|"
                          rf"\b{_NUM}(?:\s(?:million|billion|thousand))?\s"
                          rf"(?:euros|dollars|pounds|francs|yen|crowns|credits)\b")),
     ("time", re.compile(r"\b\d{1,2}:\d{2}(?::\d{2})?\b")),
@@ -101,8 +102,39 @@ class Span:
     person: bool = False  # named in full, then by the surname alone (extractive.people)
 
 
+# A list item's marker at the start of a line: "- ", "* ", "• ", "1. ", "2) ".
+_BULLET = re.compile(r"^(?:[-*•–]|\d{1,2}[.)])\s+")
+
+
+def lines(text: str) -> list[str]:
+    """The text's lines as units of meaning: a line break ends one where the line ends a
+    sentence or a field ("Battery: 540 Wh"), or the next line is a list item or starts with a
+    capital; a line that goes on in lower case, or after a comma or a word such as "by" or
+    "the", is the same sentence, hard-wrapped. List markers are dropped: "- Range: up to 110
+    km" is the field "Range: up to 110 km"."""
+    out: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            out.append("")  # a blank line ends whatever came before
+            continue
+        bullet = _BULLET.match(line)
+        last = out[-1].rsplit(" ", 1)[-1] if out else ""
+        if last and not bullet and not last.endswith((".", "!", "?", ":", ";")) and \
+                (line[0].islower() or last.endswith(",") or last in FUNCTION_WORDS):
+            out[-1] = f"{out[-1]} {line}"
+        else:
+            out.append(line[bullet.end():] if bullet else line)
+    return [line for line in out if line]
+
+
 def sentences(text: str) -> list[str]:
-    """Sentences of a paragraph (a full stop inside a number or an initial does not end one)."""
+    """Sentences of a text, line by line (`lines`); a full stop inside a number or an initial
+    does not end one."""
+    return [s for line in lines(text) for s in _line_sentences(line)]
+
+
+def _line_sentences(text: str) -> list[str]:
     parts = [s.strip() for s in _SENTENCE_END.split(text.strip())]
     merged: list[str] = []
     for part in parts:
