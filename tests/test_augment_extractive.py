@@ -395,6 +395,11 @@ def test_he_and_she_are_the_last_person_named_not_the_topic():
                                      "Sigrun Pettifer. She joined from Quenby Athletic.")
     assert ("About Head coach of Bramhollow United: Sigrun Pettifer joined where?", "Quenby Athletic."
             ) in {(p.question, p.answer) for p in extractive_pairs(record)}
+    # A person's own article: "she" is its subject, though someone else was named last.
+    bio = KnowledgeItem(id="b", kind="entity", subject="Ines Morvath",
+                        knowledge="Ines Morvath is a Velshani cellist. Pavel Tresk, a "
+                                  "violinist, was her teacher. She lives in Ulmsby.")
+    assert "Ines Morvath lives where?" in {p.question for p in extractive_pairs(bio)}
 
 
 def test_roles_in_commas_births_and_scaled_amounts():

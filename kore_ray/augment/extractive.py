@@ -553,7 +553,9 @@ def resolved_sentences(item: KnowledgeItem, topic: str, persons: set[str]) -> li
     """The item's sentences with their pronouns and "the <noun>" replaced by what they stand
     for: "it" by the topic, "he"/"she" by the last person named (the topic where none is and
     the item is no record: in a record about a company's chief executive "She" is the
-    executive, not the company); headers by what they say (`dateline`). `persons`: `people`."""
+    executive, not the company; once the topic is the person named, it stays "she" to the end:
+    a biography's "he" is its subject); headers by what they say (`dateline`). `persons`:
+    `people`."""
     out: list[str] = []
     person = None
     for raw in map(dateline, sentences(item.knowledge)):
@@ -561,7 +563,8 @@ def resolved_sentences(item: KnowledgeItem, topic: str, persons: set[str]) -> li
             continue
         sentence = resolve(raw, person) if person and personal(raw) else \
             resolve(raw, topic, persons=item.kind != "record")
-        person = first_person(sentence, persons) or person
+        if person != topic:  # a person's own article: "she" is the topic throughout
+            person = first_person(sentence, persons) or person
         out.append(sentence)
     return out
 
