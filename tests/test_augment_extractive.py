@@ -5,6 +5,7 @@ import pytest
 from kore_ray.augment.extractive import (
     about,
     extractive_pairs,
+    field_pairs,
     fronted_question,
     past_lemma,
     short_question,
@@ -376,6 +377,7 @@ def test_lines_are_sentences_fields_are_asked_as_fields_and_labels_are_no_answer
                            knowledge="Mayor of Fenstock: Priya Obuya (since 2025).\n"
                                      "Predecessor: Harold Kemmet\nSeats: 21")
     asked = {p.question: p.answer for p in extractive_pairs(record) if p.style == "field"}
+    assert field_pairs("Employees: (2026)", "X") == field_pairs("Note: .", "X") == ([], 0)
     assert asked == {"Who is the mayor of Fenstock?": "Priya Obuya.",
                      "Who is the predecessor of Mayor of Fenstock?": "Harold Kemmet.",
                      "How many seats does Mayor of Fenstock have?": "21."}

@@ -460,6 +460,8 @@ def field_pairs(sentence: str, topic: str) -> tuple[list[FactPair], int]:
             m["value"].split()[0].lower() in FUNCTION_WORDS:  # "Update: the museum now ..."
         return [], 0
     key, value = m["key"].strip(), re.sub(r"\s*\([^)]*\)$", "", m["value"]).strip(" ,")
+    if len(key) < 2 or not re.search(r"\w", value):  # "Employees: (2026)": nothing to answer
+        return [], 0
     label = key if key[1:2].isupper() else key[0].lower() + key[1:]
     verb = "are" if re.search(r"[^su]s$", label) and not label.endswith("ss") else "is"
     wh = "Who" if _PERSON_LABELS & set(re.findall(r"[a-z]+", label.lower())) and \
