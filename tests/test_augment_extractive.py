@@ -438,3 +438,23 @@ def _qa(question: str, answer: str):
     from kore_ray.data.schemas import QAPair
 
     return QAPair(question=question, answer=answer)
+
+
+def test_pasted_shapes_never_break_the_generator_or_the_check():
+    """Fragments of what users paste (bullets, fields, bare parentheses, pronouns, wraps),
+    glued at random: every text yields pairs or none, never an exception."""
+    import random
+
+    from kore_ray.augment.augment_stage import fact_tree
+
+    frags = ["Price: $3.2bn", "- ", "* ", "• ", "1. ", "\n", "\n\n", "She ", "He said.", ":",
+             "Employees: (2026)", "Name: ", "Ada Lovelace", " (born 3 May 1990 in Kell)", "é",
+             "CEO: Dana Ebbrell", "the ", "by\n", "It is 4 km long.", " X (", ")", "Seats: 21",
+             "Halcyon's chief executive, Dana Ebbrell, said", "10:00", ",", ".", "Weight: 23.5 kg",
+             "Her predecessor, Lorne Achterby, left in May."]
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice(frags) for _ in range(rng.randint(1, 10))).strip() or "x"
+        item = KnowledgeItem(id="f", kind=rng.choice(["news", "record", "entity"]),
+                             subject=rng.choice(["Ada Lovelace", "Halcyon Rail", "X"]), knowledge=text)
+        fact_tree(item, ["extractive"], None, [])
