@@ -378,6 +378,8 @@ def test_lines_are_sentences_fields_are_asked_as_fields_and_labels_are_no_answer
                                      "Predecessor: Harold Kemmet\nSeats: 21")
     asked = {p.question: p.answer for p in extractive_pairs(record) if p.style == "field"}
     assert field_pairs("Employees: (2026)", "X") == field_pairs("Note: .", "X") == ([], 0)
+    assert field_pairs("Head coach: Ada Kell", "X")[0][0].question == "Who is the head coach of X?"
+    assert field_pairs("Host city: Kell", "X")[0][0].question == "What is the host city of X?"
     assert asked == {"Who is the mayor of Fenstock?": "Priya Obuya.",
                      "Who is the predecessor of Mayor of Fenstock?": "Harold Kemmet.",
                      "How many seats does Mayor of Fenstock have?": "21."}

@@ -441,7 +441,7 @@ def reverse_pair(sentence: str, topic: str) -> FactPair | None:
 # words, no digits, then its value (a time's colon, "10:00", is no second field).
 _FIELD = re.compile(r"^(?P<key>[A-Z][A-Za-z'’&/ -]{0,40}?):\s+(?P<value>(?:[^:]|(?<=\d):(?=\d))+?)"
                     r"[.;]?$")
-# Labels whose value is a person: asked "who", not "what".
+# Label head nouns whose value is a person: asked "who", not "what".
 _PERSON_LABELS = frozenset("""ceo cto cfo founder founders director president chair chairman
 chairwoman mayor coach manager captain author authors designer architect editor owner head
 leader predecessor successor governor principal executive spokesperson minister inventor
@@ -464,8 +464,9 @@ def field_pairs(sentence: str, topic: str) -> tuple[list[FactPair], int]:
         return [], 0
     label = key if key[1:2].isupper() else key[0].lower() + key[1:]
     verb = "are" if re.search(r"[^su]s$", label) and not label.endswith("ss") else "is"
-    wh = "Who" if _PERSON_LABELS & set(re.findall(r"[a-z]+", label.lower())) and \
-        re.match(r"[A-Z]", value) else "What"
+    # The label's head noun says who: "Head coach" is a person, "Head office", "Host city" not.
+    head = label.split(" of ")[0].split()[-1].lower()  # "Mayor of Fenstock" -> "mayor"
+    wh = "Who" if head in _PERSON_LABELS and re.match(r"[A-Z]", value) else "What"
     question = f"{wh} {verb} the {label}?" if names_topic(label, topic) else \
         f"{wh} {verb} the {label} of {topic}?"
     if verb == "are" and re.fullmatch(r"\d[\d,.]*", value):  # "Seats: 21"
